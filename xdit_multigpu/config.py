@@ -1,0 +1,230 @@
+"""Frozen configuration types, validated once at the node boundary.
+
+Nothing in here imports ComfyUI, Ray or touches a GPU: the node layer passes in what it learned from
+the host (e.g. how many CUDA devices are visible) so that parsing stays pure and unit-testable.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConfigError, NotYetAvailableError
+
+MAX_CPU_RANKS = 64
+
+
+class ParallelStrategy(enum.StrEnum):
+    """How one generation is split over the devices of a group."""
+
+    HYBRID = "Hybrid"  # planner picks cfg x ulysses x ring from devices, CFG use, heads, topology
+    USP = "USP"  # sequence parallel only (Ulysses x Ring)
+    CFG = "CFG"  # cond / uncond on different devices only
+    PIPEFUSION = "PipeFusion"
+    TENSOR = "Tensor"
+
+    @property
+    def available(self) -> bool:
+        return self in (ParallelStrategy.HYBRID, ParallelStrategy.USP, ParallelStrategy.CFG)
+
+    def require_available(self) -> None:
+        if not self.available:
+            raise NotYetAvailableError(
+                "parallel_strategy",
+                f"{self.value} is not yet available in this release",
+                "Choose Hybrid (automatic), USP or CFG",
+            )
+
+
+class SchedulingStrategy(enum.StrEnum):
+    """How work units are spread over GPU groups (see the dispatcher)."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+    WEIGHTED_ROUND_ROBIN = "weighted_round_robin"
+    ADAPTIVE = "adaptive"
+
+
+class DeviceKind(enum.StrEnum):
+    CUDA = "cuda"
+    CPU = "cpu"  # CPU ranks stand in for GPUs (tests, CI); gloo instead of NCCL
+
+
+@dataclass(frozen=True)
+class DeviceSet:
+    """The devices one generation may use, parsed from the ``gpu_devices`` input.
+
+    ``ids`` are CUDA ordinals as the host process sees them (kind CUDA) or rank slots 0..n-1 (kind CPU).
+    ``ids == ()`` with ``kind == CUDA`` means "all" was asked on a machine that shows no GPU: the engine
+    then samples on ComfyUI's own device and says why.
+    """
+
+    kind: DeviceKind
+    ids: tuple[int, ...]
+    text: str = field(default="", compare=False)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.kind is DeviceKind.CUDA else "gloo"
+
+    def describe(self) -> str:
+        if self.kind is DeviceKind.CPU:
+            return f"{self.world_size} CPU rank(s)"
+        return "GPU " + ",".join(str(i) for i in self.ids) if self.ids else "no GPU"
+
+    @classmethod
+    def parse(cls, text: str, visible_gpus: int | None) -> DeviceSet:
+        """Parse ``gpu_devices``: ``"0,1,2,3"``, ``"all"``, ``"cpu"`` or ``"cpu:N"``.
+
+        ``visible_gpus`` is the number of CUDA devices the host sees, or None when unknown (joining a
+        remote Ray cluster), in which case ids are range-checked when workers start.
+        """
+        fld = "gpu_devices"
+        raw = (text or "").strip().lower().replace(" ", "")
+        if not raw:
+            raise ConfigError(fld, "is empty", 'Enter GPU ids such as "0,1", or "all"')
+        if raw == "all":
+            n = visible_gpus or 0
+            return cls(DeviceKind.CUDA, tuple(range(n)), text)
+        m = re.fullmatch(r"cpu(?::(\d+))?", raw)
+        if m:
+            n = int(m.group(1) or 1)
+            if not 1 <= n <= MAX_CPU_RANKS:
+                raise ConfigError(fld, f'"{text}" asks for {n} CPU ranks', f"Use cpu:1 .. cpu:{MAX_CPU_RANKS}")
+            return cls(DeviceKind.CPU, tuple(range(n)), text)
+        ids: list[int] = []
+        for part in raw.split(","):
+            part = part.removeprefix("cuda:")
+            if not part.isdigit():
+                raise ConfigError(
+                    fld,
+                    f'"{text}" is malformed ("{part}" is not a GPU index)',
+                    'Use comma-separated GPU indices such as "0,1,2,3", "all", or "cpu:2" for CPU ranks',
+                )
+            ids.append(int(part))
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ConfigError(fld, f'"{text}" lists GPU {dupes[0]} more than once', "List each GPU once")
+        if visible_gpus is not None:
+            bad = [i for i in ids if i >= visible_gpus]
+            if bad:
+                have = f"GPUs 0..{visible_gpus - 1}" if visible_gpus else "no CUDA GPU"
+                raise ConfigError(
+                    fld,
+                    f"GPU {bad[0]} is out of range: this machine has {have}",
+                    'Use indices below the GPU count, "all", or "cpu:N" to test with CPU ranks',
+                )
+        return cls(DeviceKind.CUDA, tuple(ids), text)
+
+
+def parse_encoder_device(text: str, visible_gpus: int) -> str | None:
+    """Parse the ``device`` input of the VAE / CLIP loaders.
+
+    Returns None for "default" (ComfyUI decides), "cpu", or "cuda:N" (a torch device string).
+    """
+    raw = (text or "default").strip().lower()
+    if raw in ("default", ""):
+        return None
+    if raw == "cpu":
+        return "cpu"
+    idx = raw.removeprefix("cuda:").removeprefix("gpu")
+    if not idx.isdigit():
+        raise ConfigError("device", f'"{text}" is not a device', 'Use "default", "cpu" or a GPU index like "1"')
+    if int(idx) >= visible_gpus:
+        raise ConfigError(
+            "device", f"GPU {idx} is out of range: this machine has {visible_gpus} CUDA GPU(s)", 'Use "cpu" or a lower index'
+        )
+    return f"cuda:{int(idx)}"
+
+
+class LoaderKind(enum.StrEnum):
+    DIFFUSION_MODEL = "diffusion_model"  # UNETLoader semantics
+    CHECKPOINT = "checkpoint"  # CheckpointLoaderSimple semantics (workers load only the diffusion model)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What every worker loads: the same file, with ComfyUI's own loader, with the same options.
+
+    ``signature`` (size and mtime) changes when the file is replaced, which rebuilds the pool.
+    ``unet_config_json`` is set by tests only: the architecture of a file ComfyUI's detection refuses
+    (a Flux smaller than the hard-coded 24 x 128 heads); no node input sets it.
+    """
+
+    kind: LoaderKind
+    path: str
+    weight_dtype: str = "default"
+    signature: tuple[int, int] = (0, 0)
+    unet_config_json: str | None = None
+
+    @classmethod
+    def for_file(
+        cls, kind: LoaderKind, path: str, weight_dtype: str = "default", unet_config_json: str | None = None
+    ) -> LoadSpec:
+        st = os.stat(path)
+        sig = (st.st_size, int(st.st_mtime_ns))
+        return cls(kind, os.path.abspath(path), weight_dtype, sig, unet_config_json)
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Degrees of one generation: ``cfg * ulysses * ring == world_size``.
+
+    Rank layout (CFG outermost, Ulysses innermost so that Ulysses all-to-alls stay between
+    neighbouring GPUs, which usually share the fastest links)::
+
+        rank = cfg_rank * (ulysses * ring) + ring_rank * ulysses + ulysses_rank
+    """
+
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    reason: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("cfg", "ulysses", "ring"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ParallelPlan.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.sp
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(cfg_rank, ring_rank, ulysses_rank) of a global rank."""
+        cfg_rank, sp_rank = divmod(rank, self.sp)
+        ring_rank, uly_rank = divmod(sp_rank, self.ulysses)
+        return cfg_rank, ring_rank, uly_rank
+
+    def describe(self) -> str:
+        return f"cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring} on {self.world_size} device(s)"
+
+
+@dataclass(frozen=True)
+class DispatcherSpec:
+    """The ``XDIT_DISPATCHER`` value a loader hands to ``KSampler (xDiT Multi-GPU)``.
+
+    It is a description, not a live object: the engine keeps the worker pools and finds (or builds)
+    the pool for this spec on use. ``family`` is the ``ModelSpec`` name the loader detected.
+    """
+
+    load: LoadSpec
+    devices: DeviceSet
+    strategy: ParallelStrategy = ParallelStrategy.HYBRID
+    scheduling: SchedulingStrategy = SchedulingStrategy.ROUND_ROBIN
+    family: str = ""
+    ray_address: str | None = None
+
+    def pool_key(self) -> tuple[object, ...]:
+        """Identity of the worker pool: same file, same devices, same cluster -> same pool."""
+        return (self.load, self.devices, self.ray_address)

@@ -1,0 +1,105 @@
+"""The model families this release knows, declared as data.
+
+Sequence-parallel installers are referenced lazily (module path + attribute) so that importing the
+registry imports neither ComfyUI nor the family modules' hook code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from .registry import Axis, ModelSpec, register
+
+_SP = frozenset({Axis.CFG, Axis.ULYSSES, Axis.RING})
+_CFG_ONLY = frozenset({Axis.CFG})
+
+
+class LazyInstaller:
+    """A ``SequenceParallelInstaller`` imported on first call (keeps ``import xdit_multigpu`` light)."""
+
+    def __init__(self, module: str, attr: str) -> None:
+        self.module, self.attr = module, attr
+
+    def __call__(self, patcher: Any, ctx: Any) -> None:
+        fn = getattr(importlib.import_module(self.module), self.attr)
+        fn(patcher, ctx)
+
+    def __repr__(self) -> str:
+        return f"{self.module}:{self.attr}"
+
+
+def _num_heads(cfg: Mapping[str, Any]) -> int:
+    return int(cfg.get("num_heads", 0))
+
+
+def _mmdit_heads(cfg: Mapping[str, Any]) -> int:
+    # MMDiT: hidden = 64 * depth and heads = depth (SD3.5-Large: 38), see ComfyUI model_detection.
+    return int(cfg.get("num_heads") or cfg.get("depth", 0))
+
+
+def _unet_heads(cfg: Mapping[str, Any]) -> int:
+    ch, head_ch = int(cfg.get("model_channels", 0)), int(cfg.get("num_head_channels", 64))
+    return ch // head_ch if head_ch > 0 else int(cfg.get("num_heads", 0))
+
+
+FLUX = register(
+    ModelSpec(
+        name="flux",
+        display="Flux.1 (dev / schnell)",
+        config_classes=("Flux", "FluxSchnell", "FluxInpaint"),
+        axes=_SP,
+        heads=_num_heads,
+        hook="DIFFUSION_MODEL wrapper + post_input patch + dit single_block replace + attention override",
+        sequence_parallel=LazyInstaller("xdit_multigpu.models.flux", "install_sequence_parallel"),
+    )
+)
+
+SD3 = register(
+    ModelSpec(
+        name="sd3",
+        display="SD3 / SD3.5 (Medium, Large, MMDiT-X)",
+        config_classes=("SD3",),
+        axes=_SP,
+        heads=_mmdit_heads,
+        hook="dit double_block replace (shard at block 0, gather after the last) + attention override",
+        sequence_parallel=LazyInstaller("xdit_multigpu.models.sd3", "install_sequence_parallel"),
+    )
+)
+
+SDXL = register(
+    ModelSpec(
+        name="sdxl",
+        display="SDXL",
+        config_classes=("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"),
+        axes=_CFG_ONLY,
+        heads=_unet_heads,
+        hook="CALC_COND_BATCH wrapper (UNet convolutions need the whole image)",
+        notes="CFG parallel; sequence parallelism does not apply to a UNet's convolutions",
+    )
+)
+
+PIXART = register(
+    ModelSpec(
+        name="pixart",
+        display="PixArt-α / PixArt-Σ",
+        config_classes=("PixArtAlpha", "PixArtSigma"),
+        axes=_CFG_ONLY,
+        heads=_num_heads,
+        hook="CALC_COND_BATCH wrapper",
+        notes="sequence parallelism arrives with the model-coverage work (bound-method attention patches)",
+    )
+)
+
+HUNYUAN_DIT = register(
+    ModelSpec(
+        name="hunyuan_dit",
+        display="HunyuanDiT",
+        config_classes=("HunyuanDiT", "HunyuanDiT1"),
+        axes=_CFG_ONLY,
+        heads=_num_heads,
+        hook="CALC_COND_BATCH wrapper",
+        notes="sequence parallelism arrives with the model-coverage work (bound-method attention patches)",
+    )
+)

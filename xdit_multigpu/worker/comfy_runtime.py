@@ -1,0 +1,111 @@
+"""Every ComfyUI call the pack makes to load a diffusion model and sample, in one place.
+
+Used in three places with identical code, so that they cannot drift apart: inside Ray workers, by the
+in-process one-device path, and by the fallback. Imports ComfyUI lazily (the package must import
+without it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..config import LoaderKind, LoadSpec
+from ..engine.request import SampleRequest
+
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+
+
+def model_options_for(weight_dtype: str) -> dict[str, Any]:
+    """``model_options`` exactly as ComfyUI's ``UNETLoader`` builds them for ``weight_dtype``."""
+    import torch
+
+    opts: dict[str, Any] = {}
+    if weight_dtype in ("fp8_e4m3fn", "fp8_e4m3fn_fast"):
+        opts["dtype"] = torch.float8_e4m3fn
+        if weight_dtype == "fp8_e4m3fn_fast":
+            opts["fp8_optimizations"] = True
+    elif weight_dtype == "fp8_e5m2":
+        opts["dtype"] = torch.float8_e5m2
+    return opts
+
+
+def load_diffusion_model(spec: LoadSpec) -> Any:
+    """Load the diffusion model of ``spec`` with ComfyUI's own loader; returns a ``ModelPatcher``.
+
+    ``spec.unet_config_json`` (tests only) gives the architecture of a file ComfyUI cannot detect, e.g.
+    a Flux smaller than detection's hard-coded 24 x 128 heads; it goes through ComfyUI's own
+    ``model_config_from_unet_config`` so the rest of the path is the stock one.
+    """
+    import comfy.sd
+    import comfy.utils
+
+    opts = model_options_for(spec.weight_dtype)
+    if spec.unet_config_json:
+        return _load_with_explicit_config(spec.path, json.loads(spec.unet_config_json), opts)
+    if spec.kind is LoaderKind.CHECKPOINT:
+        out = comfy.sd.load_checkpoint_guess_config(
+            spec.path, output_vae=False, output_clip=False, model_options=opts
+        )
+        return out[0]
+    return comfy.sd.load_diffusion_model(spec.path, model_options=opts)
+
+
+def _load_with_explicit_config(path: str, unet_config: dict[str, Any], opts: dict[str, Any]) -> Any:
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(path)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    if model_config is None:
+        raise ValueError(f"unet_config matches no ComfyUI model: {unet_config}")
+    load_device = mm.get_torch_device()
+    dtype = opts.get("dtype") or mm.unet_dtype(
+        model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=model_config.supported_inference_dtypes
+    )
+    manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    model = model_config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+def prepare_noise(patcher: Any, latent: dict[str, Any], seed: int, disable_noise: bool = False) -> tuple[Any, Any]:
+    """(latent_image, noise) exactly as ``nodes.common_ksampler`` makes them."""
+    import comfy.sample
+    import torch
+
+    latent_image = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
+    if disable_noise:
+        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
+    else:
+        noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    return latent_image, noise
+
+
+def run_sampler(patcher: Any, req: SampleRequest, callback: Any = None, disable_pbar: bool = True) -> Any:
+    """``comfy.sample.sample`` with the request's settings (the call ``common_ksampler`` makes)."""
+    import comfy.sample
+
+    return comfy.sample.sample(
+        patcher,
+        req.noise,
+        req.steps,
+        req.cfg,
+        req.sampler_name,
+        req.scheduler,
+        req.positive,
+        req.negative,
+        req.latent_image,
+        denoise=req.denoise,
+        disable_noise=req.disable_noise,
+        start_step=req.start_step,
+        last_step=req.last_step,
+        force_full_denoise=req.force_full_denoise,
+        noise_mask=req.noise_mask,
+        callback=callback,
+        disable_pbar=disable_pbar,
+        seed=req.seed,
+    )
