@@ -1,0 +1,50 @@
+"""Make a ComfyUI tree importable as a library in a process that did not start through ``main.py``.
+
+Used by Ray workers (which import ComfyUI from the same root as the ComfyUI process that started them)
+and by the test suite. ComfyUI reads its CLI flags at import time, so they are set before
+``comfy.model_management`` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+# Flags that describe the ComfyUI process's own devices; a worker chooses its device itself.
+_DEVICE_FLAGS = frozenset({"cpu", "cuda_device", "default_device", "directml", "oneapi_device_selector"})
+
+
+def import_comfy(comfy_root: str, *, cpu: bool, cli_args: Mapping[str, Any] | None = None) -> None:
+    """Put ``comfy_root`` on ``sys.path`` and set ComfyUI's CLI flags before its first import.
+
+    ``cli_args`` are the host's parsed flags (``vars(comfy.cli_args.args)``) so that a worker computes
+    with the same precision / attention options as the host; device flags are not copied.
+    Idempotent; it must run before anything imports ``comfy.model_management``.
+    """
+    root = os.path.abspath(comfy_root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from comfy.cli_args import args  # noqa: PLC0415  (ComfyUI's argparse defaults; sys.argv is ignored)
+
+    for key, value in (cli_args or {}).items():
+        if key not in _DEVICE_FLAGS and hasattr(args, key):
+            setattr(args, key, value)
+    args.cpu = cpu
+    if "comfy.model_management" in sys.modules and cpu:
+        # Too late to change the device choice; the caller imported ComfyUI before bootstrapping.
+        import comfy.model_management as mm  # noqa: PLC0415
+
+        if mm.get_torch_device().type != "cpu":
+            raise RuntimeError("comfy.model_management was imported before import_comfy(cpu=True)")
+    # ComfyUI's nodes.py puts .../comfy on sys.path, after which a bare ``import utils`` finds
+    # comfy/utils.py; main.py imports utils.extra_config first to bind the real ``utils`` package.
+    import utils.extra_config  # noqa: F401, PLC0415
+
+
+def host_cli_args() -> dict[str, Any]:
+    """The running ComfyUI's parsed CLI flags, to forward to workers."""
+    from comfy.cli_args import args  # noqa: PLC0415
+
+    return dict(vars(args))
