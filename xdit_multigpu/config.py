@@ -11,12 +11,13 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ._compat import StrEnum
 from .errors import ConfigError, NotYetAvailableError
 
 MAX_CPU_RANKS = 64
 
 
-class ParallelStrategy(enum.StrEnum):
+class ParallelStrategy(StrEnum):
     """How one generation is split over the devices of a group."""
 
     HYBRID = "Hybrid"  # planner picks cfg x ulysses x ring from devices, CFG use, heads, topology
@@ -38,7 +39,7 @@ class ParallelStrategy(enum.StrEnum):
             )
 
 
-class SchedulingStrategy(enum.StrEnum):
+class SchedulingStrategy(StrEnum):
     """How work units are spread over GPU groups (see the dispatcher)."""
 
     ROUND_ROBIN = "round_robin"
@@ -47,7 +48,7 @@ class SchedulingStrategy(enum.StrEnum):
     ADAPTIVE = "adaptive"
 
 
-class DeviceKind(enum.StrEnum):
+class DeviceKind(StrEnum):
     CUDA = "cuda"
     CPU = "cpu"  # CPU ranks stand in for GPUs (tests, CI); gloo instead of NCCL
 
@@ -143,7 +144,7 @@ def parse_encoder_device(text: str, visible_gpus: int) -> str | None:
     return f"cuda:{int(idx)}"
 
 
-class LoaderKind(enum.StrEnum):
+class LoaderKind(StrEnum):
     DIFFUSION_MODEL = "diffusion_model"  # UNETLoader semantics
     CHECKPOINT = "checkpoint"  # CheckpointLoaderSimple semantics (workers load only the diffusion model)
 

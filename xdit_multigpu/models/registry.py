@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .._compat import StrEnum
 
-class Axis(enum.StrEnum):
+
+class Axis(StrEnum):
     """A way of splitting one generation that a family supports."""
 
     CFG = "cfg"  # cond / uncond on different ranks (generic, CALC_COND_BATCH wrapper)
