@@ -1,0 +1,72 @@
+"""The KSampler's decision: one device (stock path) or the worker pool, and the fallback between them.
+
+The stock path is ``nodes.common_ksampler`` itself, so on one device (and in every fallback) the result
+is bit-identical to the stock KSampler, with ComfyUI's progress bar and previews.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import DispatcherSpec
+from ..models import lookup_config
+from .registry import model_modifications, spec_of_model
+
+log = logging.getLogger("xdit_multigpu")
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    latent: dict[str, Any]
+    status: str  # shown on the node and logged: the plan used, or why one device was used
+    parallel: bool
+
+
+def stock_sample(model: Any, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                 positive: Any, negative: Any, latent: dict[str, Any], denoise: float) -> dict[str, Any]:
+    import nodes
+
+    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                   denoise=denoise)
+    return out
+
+
+def parallel_blocker(model: Any, spec: DispatcherSpec) -> str | None:
+    """Why this MODEL cannot go to the worker pool as it is, or None."""
+    if spec.devices.world_size <= 1:
+        return f"one device requested ({spec.devices.describe()})" if spec.devices.ids else "no GPU is visible"
+    loaded = spec_of_model(model)
+    if loaded is None or loaded.load != spec.load:
+        return "the MODEL input does not come from the xDiT loader that made this dispatcher"
+    mods = model_modifications(model)
+    if mods:
+        return "the MODEL carries modifications workers do not replicate yet: " + "; ".join(mods)
+    if lookup_config(model.model.model_config) is None:
+        return f"{type(model.model.model_config).__name__} models are not supported on the parallel path"
+    return None
+
+
+def sample_latent(model: Any, spec: DispatcherSpec, seed: int, steps: int, cfg: float, sampler_name: str,
+                  scheduler: str, positive: Any, negative: Any, latent: dict[str, Any], denoise: float) -> SampleResult:
+    """Sample ``latent`` with the dispatcher's devices, or on one device with the reason why."""
+    args = (seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise)
+    blocker = parallel_blocker(model, spec)
+    if blocker is None:
+        t0 = time.perf_counter()
+        from .engine import get_engine
+
+        outcome = get_engine().sample(spec, model, *args, cfg_active=not math.isclose(cfg, 1.0))
+        if outcome.latent is not None:
+            out = latent.copy()
+            out["samples"] = outcome.latent
+            took = time.perf_counter() - t0
+            return SampleResult(out, f"xDiT: {outcome.plan.describe()} ({spec.devices.describe()}), {took:.1f} s", True)
+        blocker = outcome.fallback_reason or "the worker pool returned no latent"
+    t0 = time.perf_counter()
+    out = stock_sample(model, *args)
+    took = time.perf_counter() - t0
+    return SampleResult(out, f"xDiT: sampled on one device with ComfyUI's sampler ({blocker}), {took:.1f} s", False)

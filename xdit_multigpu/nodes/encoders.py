@@ -1,0 +1,180 @@
+"""``Load VAE (xDiT)``, ``Load CLIP (xDiT)``, ``Load Dual CLIP (xDiT)``: the stock loaders plus a device
+choice, so text encoders and the VAE can live on a GPU the sampling group does not use (or on the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import parse_encoder_device
+from ..errors import ConfigError
+from .common import CATEGORY
+
+TIP_DEVICE = (
+    'Where this model runs: "default" (ComfyUI decides, as the stock loader), "cpu", or a GPU index such as '
+    '"1" to keep the sampling GPUs free.'
+)
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _device(text: str) -> Any:
+    """torch.device for the ``device`` input, or None for ComfyUI's default."""
+    import torch
+
+    dev = parse_encoder_device(text, _visible_gpus())
+    return None if dev is None else torch.device(dev)
+
+
+def _validate_device(device: str) -> bool | str:
+    try:
+        parse_encoder_device(device, _visible_gpus())
+    except ConfigError as e:
+        return str(e)
+    return True
+
+
+def _te_model_options(device: Any) -> dict[str, Any]:
+    """``model_options`` for comfy.sd.load_clip placing the encoder on ``device``."""
+    import comfy.model_management as mm
+    import torch
+
+    if device is None:
+        return {}
+    offload = device if device.type == "cpu" else mm.text_encoder_offload_device()
+    return {"load_device": device, "offload_device": offload if isinstance(offload, torch.device) else device}
+
+
+class XDiTVAELoader:
+    """Stock ``VAELoader`` + device."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("VAE",)
+    DESCRIPTION = "Loads a VAE (as the stock Load VAE) on a device of your choice."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        import nodes
+
+        names = nodes.VAELoader.INPUT_TYPES()["required"]["vae_name"][0]
+        return {
+            "required": {
+                "vae_name": (names, {"tooltip": "VAE file (models/vae) or a TAESD preview decoder."}),
+                "device": ("STRING", {"default": "default", "tooltip": TIP_DEVICE}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, device: str) -> bool | str:
+        return _validate_device(device)
+
+    def load(self, vae_name: str, device: str) -> tuple[Any]:
+        import os
+
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+        import nodes
+        import torch
+
+        dev = _device(device)
+        if dev is None:
+            return nodes.VAELoader().load_vae(vae_name)
+        stock = nodes.VAELoader()
+        # The same state dict the stock loader builds for each kind of name, then the VAE on ``dev``.
+        if vae_name == "pixel_space":
+            sd = {"pixel_space_vae": torch.tensor(1.0)}
+        elif vae_name in stock.image_taes:
+            sd = stock.load_taesd(vae_name)
+        else:
+            folder = "vae_approx" if os.path.splitext(vae_name)[0] in stock.video_taes else "vae"
+            sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise(folder, vae_name))
+        vae = comfy.sd.VAE(sd=sd, device=dev)
+        vae.throw_exception_if_invalid()
+        return (vae,)
+
+
+class XDiTCLIPLoader:
+    """Stock ``CLIPLoader`` + device (a GPU index, cpu or default)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP",)
+    DESCRIPTION = "Loads a text encoder (as the stock Load CLIP) on a device of your choice."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        import nodes
+
+        req = nodes.CLIPLoader.INPUT_TYPES()["required"]
+        return {
+            "required": {
+                "clip_name": (req["clip_name"][0], {"tooltip": "Text encoder file (models/text_encoders)."}),
+                "type": (req["type"][0], {"tooltip": "Which model family the encoder is for."}),
+                "device": ("STRING", {"default": "default", "tooltip": TIP_DEVICE}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, device: str) -> bool | str:
+        return _validate_device(device)
+
+    def load(self, clip_name: str, type: str, device: str) -> tuple[Any]:  # noqa: A002 (stock input name)
+        import comfy.sd
+        import folder_paths
+
+        clip_type = getattr(comfy.sd.CLIPType, type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
+        path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
+        clip = comfy.sd.load_clip(
+            ckpt_paths=[path],
+            embedding_directory=folder_paths.get_folder_paths("embeddings"),
+            clip_type=clip_type,
+            model_options=_te_model_options(_device(device)),
+        )
+        return (clip,)
+
+
+class XDiTDualCLIPLoader:
+    """Stock ``DualCLIPLoader`` + device."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP",)
+    DESCRIPTION = "Loads two text encoders (as the stock DualCLIPLoader, e.g. clip_l + t5xxl for Flux) on a device."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        import nodes
+
+        req = nodes.DualCLIPLoader.INPUT_TYPES()["required"]
+        return {
+            "required": {
+                "clip_name1": (req["clip_name1"][0], {"tooltip": "First text encoder (models/text_encoders)."}),
+                "clip_name2": (req["clip_name2"][0], {"tooltip": "Second text encoder (models/text_encoders)."}),
+                "type": (req["type"][0], {"tooltip": "Which model family the encoders are for."}),
+                "device": ("STRING", {"default": "default", "tooltip": TIP_DEVICE}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, device: str) -> bool | str:
+        return _validate_device(device)
+
+    def load(self, clip_name1: str, clip_name2: str, type: str, device: str) -> tuple[Any]:  # noqa: A002
+        import comfy.sd
+        import folder_paths
+
+        clip_type = getattr(comfy.sd.CLIPType, type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
+        paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
+        clip = comfy.sd.load_clip(
+            ckpt_paths=paths,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"),
+            clip_type=clip_type,
+            model_options=_te_model_options(_device(device)),
+        )
+        return (clip,)
