@@ -1,0 +1,193 @@
+"""RayExecutor on an embedded loopback cluster with CPU ranks: process group, failure modes, ports.
+
+One cluster per module (Ray start is 3-5 s). Every wait is bounded by a timeout far below pytest's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from xdit_multigpu.config import DeviceKind, DeviceSet
+from xdit_multigpu.errors import WorkerError, WorkerTimeout
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
+
+ray = pytest.importorskip("ray")
+
+
+class FakeWorker:
+    """A worker whose methods misbehave on purpose (pickled by value into the actors)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def echo(self, value):
+        self.calls += 1
+        return (os.getpid(), value)
+
+    def boom(self, rank_to_fail, my_rank):
+        if my_rank == rank_to_fail:
+            raise ValueError(f"boom on rank {my_rank}")
+        return my_rank
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def ping(self):
+        return "pong"
+
+
+@pytest.fixture(scope="module")
+def cluster(comfy_root):
+    os.environ.setdefault("COMFYUI_PATH", comfy_root)
+    import ray.cloudpickle
+
+    from xdit_multigpu.executor.cluster import ensure_cluster, shutdown_cluster
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    info = ensure_cluster()
+    yield info
+    shutdown_cluster()
+
+
+def cpu(n):
+    return DeviceSet(DeviceKind.CPU, tuple(range(n)), f"cpu:{n}")
+
+
+def make(cluster, n, worker_cls=FakeWorker, timeout=60.0):
+    from xdit_multigpu.executor.ray_executor import RayExecutor
+
+    return RayExecutor(cpu(n), cluster, worker_cls=worker_cls, start_timeout=timeout)
+
+
+def _ray_pids() -> set[int]:
+    me = psutil.Process()
+    return {me.pid} | {p.pid for p in me.children(recursive=True)}
+
+
+def test_embedded_cluster_listens_on_loopback_only(cluster):
+    """Every TCP LISTEN socket of this driver and its descendants (GCS, raylet, agents, workers)."""
+    from xdit_multigpu.executor.cluster import is_loopback
+
+    assert cluster.embedded and cluster.node_ip == "127.0.0.1"
+    ex = make(cluster, 2)  # workers listen too: include them
+    try:
+        pids = _ray_pids()
+        listening = [
+            (c.laddr.ip, c.laddr.port, c.pid)
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids
+        ]
+        gcs_port = int(cluster.address.rsplit(":", 1)[1])
+        assert gcs_port in {port for _, port, _ in listening}, (cluster.address, listening)
+        assert len({pid for *_, pid in listening}) >= 4, listening  # driver, GCS, raylet, 2 workers at least
+        exposed = [entry for entry in listening if not is_loopback(entry[0])]
+        assert exposed == [], f"Ray sockets listening beyond loopback: {exposed}"
+    finally:
+        ex.shutdown()
+
+
+@pytest.mark.unit
+def test_is_loopback_rejects_wildcards_and_lan():
+    from xdit_multigpu.executor.cluster import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    for host in ("0.0.0.0", "::", "192.0.2.2", "::ffff:10.0.0.1", "10.1.2.3"):
+        assert not is_loopback(host), host
+
+
+def test_collective_rpc_returns_rank_order_and_per_rank_args(cluster):
+    ex = make(cluster, 3)
+    try:
+        out = ex.collective_rpc("echo", per_rank_args=[(10,), (11,), (12,)], timeout=30)
+        assert [v for _, v in out] == [10, 11, 12]
+        assert len({pid for pid, _ in out}) == 3  # one process per rank
+        assert ex.collective_rpc("echo", ("x",), timeout=30)[2][1] == "x"
+        ex.check_health(timeout=10)
+    finally:
+        ex.shutdown()
+    ex.shutdown()  # idempotent
+    with pytest.raises(WorkerError, match="shut down"):
+        ex.collective_rpc("echo", (1,), timeout=5)
+
+
+def test_remote_exception_is_worker_error_naming_rank_method_and_cause(cluster):
+    ex = make(cluster, 2)
+    pids = ex.actor_pids()
+    with pytest.raises(WorkerError) as err:
+        ex.collective_rpc("boom", per_rank_args=[(1, 0), (1, 1)], timeout=30)
+    msg = str(err.value)
+    assert not isinstance(err.value, WorkerTimeout)
+    assert "rank 1" in msg and "boom" in msg and "ValueError: boom on rank 1" in msg, msg
+    # Fail-stop: every actor is gone, and the executor refuses further calls.
+    _wait_dead(pids, 15)
+    with pytest.raises(WorkerError, match="shut down|failed"):
+        ex.collective_rpc("echo", (1,), timeout=5)
+
+
+def test_stall_is_worker_timeout_within_bound(cluster):
+    ex = make(cluster, 2)
+    pids = ex.actor_pids()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerTimeout, match=r"sleep: rank\(s\) \[0, 1\] did not answer within 2 s"):
+        ex.collective_rpc("sleep", (60,), timeout=2)
+    assert time.monotonic() - t0 < 6
+    _wait_dead(pids, 15)
+
+
+def test_actor_killed_mid_call_is_worker_error_and_next_pool_works(cluster):
+    ex = make(cluster, 2)
+    pid1 = ex.actor_pids()[1]
+    threading.Timer(1.0, os.kill, (pid1, signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as err:
+        ex.collective_rpc("sleep", (60,), timeout=30)
+    took = time.monotonic() - t0
+    assert "rank 1" in str(err.value) and "died during sleep" in str(err.value), str(err.value)
+    assert took < 20, took
+    _wait_dead(ex.actor_pids(), 15)
+    ex2 = make(cluster, 2)
+    try:
+        assert [v for _, v in ex2.collective_rpc("echo", (7,), timeout=30)] == [7, 7]
+    finally:
+        ex2.shutdown()
+
+
+def test_four_cpu_ranks_start_on_two_cores(cluster):
+    ex = make(cluster, 4)
+    try:
+        assert len(ex.collective_rpc("ping", timeout=30)) == 4
+    finally:
+        ex.shutdown()
+
+
+def test_two_worker_ranks_form_gloo_group_and_all_reduce(cluster, comfy_root):
+    """The real Worker: imports ComfyUI (CPU), joins a gloo group over tcp://127.0.0.1, all-reduces."""
+    from xdit_multigpu.executor.ray_executor import RayExecutor
+
+    ex = RayExecutor(cpu(2), cluster, start_timeout=60)
+    try:
+        ex.init_process_group("gloo", 60, comfy_root, None)
+        assert ex.collective_rpc("all_reduce_sum", per_rank_args=[(1.5,), (2.0,)], timeout=30) == [3.5, 3.5]
+        pings = ex.collective_rpc("ping", timeout=10)
+        assert [p["rank"] for p in pings] == [0, 1]
+    finally:
+        ex.shutdown()
+
+
+def _wait_dead(pids, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"actor processes still alive after {timeout} s: {alive}")

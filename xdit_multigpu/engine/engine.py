@@ -1,0 +1,185 @@
+"""The process-wide ``Engine``: plans a generation, keeps worker pools, falls back to one device.
+
+The engine never touches torch.distributed or Ray itself: it plans (pure), asks ``WorkerPool`` for
+started workers and calls them through an ``Executor``. Any worker-side failure (Ray missing, too few
+devices, an actor that will not start, dies or times out) shuts the pool down and runs the same request
+on the host's own MODEL with ComfyUI's sampler, returning the reason so the node can show it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import DeviceKind, DispatcherSpec, ParallelPlan
+from ..errors import WorkerError
+from ..executor.local import LocalExecutor
+from . import planner
+from .pool import Timeouts, WorkerPool
+from .request import SampleRequest
+
+log = logging.getLogger("xdit_multigpu.engine")
+
+# What a failed pool start or call may raise besides WorkerError: Ray's own start/connect errors.
+_POOL_ERRORS = (WorkerError, ImportError, RuntimeError, ConnectionError, TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class SampleOutcome:
+    """``latent``: rank 0's (or the fallback's) samples, CPU. ``fallback_reason`` is None on the parallel path."""
+
+    latent: Any
+    plan: ParallelPlan
+    fallback_reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _overlaps(a: DispatcherSpec, b_key: tuple[object, ...]) -> bool:
+    """Would a pool for ``a`` compete with the pool ``b_key`` for the same devices?"""
+    b_devices = b_key[1]
+    if getattr(b_devices, "kind", None) is not a.devices.kind:
+        return False
+    return a.devices.kind is DeviceKind.CPU or bool(set(a.devices.ids) & set(b_devices.ids))
+
+
+class Engine:
+    """Pools keyed by ``DispatcherSpec.pool_key()``; safe to call ``release_all`` from another thread."""
+
+    def __init__(
+        self,
+        timeouts: Timeouts | None = None,
+        pool_factory: Callable[[DispatcherSpec, Timeouts], WorkerPool] | None = None,
+    ) -> None:
+        self.timeouts = timeouts or Timeouts.from_env()
+        self._pool_factory = pool_factory or WorkerPool.start
+        self._pools: dict[tuple[object, ...], WorkerPool] = {}
+        self._lock = threading.Lock()
+
+    # -- pools ---------------------------------------------------------------------------------------
+    def pool(self, spec: DispatcherSpec) -> WorkerPool:
+        """The started pool for ``spec``: reused while its key is unchanged and it answers a ping."""
+        key = spec.pool_key()
+        with self._lock:
+            pool = self._pools.get(key)
+            stale = [k for k in self._pools if k != key and _overlaps(spec, k)]
+            evicted = [self._pools.pop(k) for k in stale]
+        for old in evicted:
+            log.info("xDiT: the pool on these devices changed (model file or devices); stopping the old one")
+            old.shutdown()
+        if pool is not None:
+            try:
+                pool.check_health(self.timeouts.health_s)
+                return pool
+            except WorkerError as e:
+                log.warning("xDiT: pool failed its health check (%s); rebuilding", e)
+                self._drop(key)
+        pool = self._pool_factory(spec, self.timeouts)
+        with self._lock:
+            self._pools[key] = pool
+        return pool
+
+    def _drop(self, key: tuple[object, ...]) -> None:
+        with self._lock:
+            pool = self._pools.pop(key, None)
+        if pool is not None:
+            pool.shutdown()
+
+    def release_all(self) -> None:
+        """Stop every pool (ComfyUI's /free, unload, atexit). Never raises."""
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            try:
+                pool.shutdown()
+            except Exception as e:  # noqa: BLE001  (shutdown must go on for the other pools)
+                log.warning("xDiT: pool shutdown raised %s: %s", type(e).__name__, e)
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def sample(
+        self,
+        spec: DispatcherSpec,
+        req: SampleRequest,
+        model_spec: Any,
+        heads: int,
+        cfg_active: bool,
+        fallback_patcher: Any,
+    ) -> SampleOutcome:
+        """Sample ``req`` over ``spec.devices``; on any worker failure, on ``fallback_patcher`` with a reason.
+
+        ``ConfigError`` (e.g. CFG strategy on 4 devices) is raised, not hidden by the fallback: the user
+        must change a widget. ``req.plan`` is ignored and replaced by the planner's.
+        """
+        timings: dict[str, float] = {}
+        world = spec.devices.world_size
+        axes = model_spec.axes if model_spec is not None else frozenset()
+        plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes)
+        if world == 0:
+            return self._fallback(req, fallback_patcher, "no GPU is visible (gpu_devices is \"all\")", timings)
+        if model_spec is None:
+            return self._fallback(req, fallback_patcher, "this model has no parallel support", timings)
+        try:
+            import ray  # noqa: F401, PLC0415
+        except ImportError:
+            return self._fallback(req, fallback_patcher, "Ray is not installed (pip install ray)", timings)
+        t0 = time.perf_counter()
+        try:
+            pool = self.pool(spec)
+        except _POOL_ERRORS as e:
+            return self._fallback(req, fallback_patcher, f"workers did not start: {e}", timings)
+        timings["pool_s"] = round(time.perf_counter() - t0, 3)
+        if pool.fast_link_group:
+            plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group)
+        t1 = time.perf_counter()
+        try:
+            latent = pool.sample(dataclasses.replace(req, plan=plan), self.timeouts.sample_s)
+        except _POOL_ERRORS as e:
+            self._drop(spec.pool_key())
+            return self._fallback(req, fallback_patcher, f"parallel sampling failed: {e}", timings)
+        timings["sample_s"] = round(time.perf_counter() - t1, 3)
+        log.info("xDiT: %s (%s) in %.1f s", plan.describe(), plan.reason, timings["sample_s"])
+        return SampleOutcome(latent, plan, None, timings)
+
+    def _fallback(self, req: SampleRequest, patcher: Any, reason: str, timings: dict[str, float]) -> SampleOutcome:
+        """The same request on the host's MODEL, in-process, with ComfyUI's sampler."""
+        log.warning("xDiT: sampling on one device: %s", reason)
+        if patcher is None:
+            raise WorkerError(f"{reason}; and no MODEL was given to sample on one device")
+        plan = ParallelPlan(reason=f"one device: {reason}")
+        t0 = time.perf_counter()
+        executor = LocalExecutor.for_patcher(patcher)
+        try:
+            latent = executor.collective_rpc("sample", (dataclasses.replace(req, plan=plan),), timeout=self.timeouts.sample_s)[0]
+        finally:
+            executor.shutdown()
+        timings["fallback_s"] = round(time.perf_counter() - t0, 3)
+        return SampleOutcome(latent, plan, reason, timings)
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine() -> Engine:
+    """The process-wide engine (created on first use; its pools stop at interpreter exit)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            import atexit
+
+            _engine = Engine()
+            atexit.register(_engine.release_all)
+        return _engine
+
+
+def release_all() -> None:
+    """Stop every worker pool and the embedded Ray cluster (ComfyUI's /free)."""
+    if _engine is not None:
+        _engine.release_all()
+    from ..executor.cluster import shutdown_cluster
+
+    shutdown_cluster()

@@ -1,0 +1,251 @@
+"""``RayExecutor``: one Ray actor per device, every call bounded, any failure ends the executor.
+
+Why fail-stop: a rank that raises or dies inside a collective leaves the others blocked in it (gloo/NCCL
+timeouts do not reliably fire, see the yunchang ring hang), so after the first failure every actor is
+killed and the engine rebuilds the pool; no collective stays pending.
+
+GPU pinning: on the embedded cluster each actor gets exactly its listed GPU through its own
+``CUDA_VISIBLE_DEVICES`` (Ray's own assignment is told to keep out of it); Ray still books one GPU per
+actor so two pools cannot oversubscribe. On a joined cluster Ray chooses the GPUs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from ..config import DeviceKind, DeviceSet
+from ..errors import WorkerError, WorkerTimeout
+from .base import DEFAULT_RPC_TIMEOUT_S, Executor
+from .cluster import ClusterInfo, worker_pythonpath
+
+log = logging.getLogger("xdit_multigpu.executor")
+
+DEFAULT_WORKER = "xdit_multigpu.worker.worker.Worker"
+CPU_RANK_CPUS = 0.01  # CPU ranks book almost nothing so 4 ranks start on a 2-core box
+
+
+def _resolve(worker_cls: str | type) -> type:
+    if isinstance(worker_cls, type):
+        return worker_cls
+    module, _, name = worker_cls.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class RayWorkerWrapper:
+    """The actor body: builds the worker lazily, i.e. after Ray has set ``CUDA_VISIBLE_DEVICES``."""
+
+    def __init__(self, worker_cls: str | type) -> None:
+        self._worker_cls = worker_cls
+        self._worker: Any = None
+
+    def ready(self) -> dict[str, Any]:
+        """Where this actor runs (sent once at start; also proves the process is up)."""
+        import ray  # noqa: PLC0415
+
+        return {
+            "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def free_port(self, host: str) -> int:
+        """A free TCP port on ``host`` for the torch.distributed rendezvous (rank 0 only)."""
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
+
+    def execute(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._worker is None:
+            self._worker = _resolve(self._worker_cls)()
+        return getattr(self._worker, method)(*args, **kwargs)
+
+
+def _last_line(err: BaseException) -> str:
+    """The remote traceback's last line (``ExcType: message``), which names the actual cause."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException) and not type(cause).__name__.startswith("Ray"):
+        return f"{type(cause).__name__}: {cause}".strip().splitlines()[-1]
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
+
+
+def _physical_gpu(ordinal: int) -> str:
+    """Host ordinal -> the id to put in CUDA_VISIBLE_DEVICES (respects the host's own restriction)."""
+    host = [p.strip() for p in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if p.strip()]
+    return host[ordinal] if ordinal < len(host) else str(ordinal)
+
+
+class RayExecutor(Executor):
+    """``world_size`` actors, rank order = device order (grouped by node on multi-node clusters)."""
+
+    def __init__(
+        self,
+        devices: DeviceSet,
+        cluster: ClusterInfo,
+        *,
+        worker_cls: str | type = DEFAULT_WORKER,
+        start_timeout: float = 120.0,
+    ) -> None:
+        import ray  # noqa: PLC0415
+
+        self._ray = ray
+        self.devices = devices
+        self.cluster = cluster
+        self.world_size = devices.world_size
+        self._actors: list[Any] = []
+        self._failure: str | None = None
+        self.placement: list[dict[str, Any]] = []
+        if self.world_size < 1:
+            raise WorkerError("gpu_devices: no device to start a worker on")
+        self._check_resources()
+        self._actors = [self._spawn(i, worker_cls) for i in range(self.world_size)]
+        self._wait_ready(start_timeout)
+
+    # -- start ---------------------------------------------------------------------------------------
+    def _check_resources(self) -> None:
+        if self.devices.kind is not DeviceKind.CUDA:
+            return
+        have = int(self._ray.cluster_resources().get("GPU", 0))
+        if have < self.world_size:
+            raise WorkerError(
+                f"gpu_devices: {self.devices.describe()} asks for {self.world_size} GPU(s) but the Ray cluster "
+                f"at {self.cluster.address} has {have}. Use fewer GPUs, or check `ray status`"
+            )
+
+    def _spawn(self, index: int, worker_cls: str | type) -> Any:
+        env = {"PYTHONPATH": worker_pythonpath(self.cluster.comfy_root)}
+        if self.cluster.comfy_root:
+            env["COMFYUI_PATH"] = self.cluster.comfy_root
+        opts: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 2}
+        if self.devices.kind is DeviceKind.CUDA:
+            opts["num_gpus"] = 1
+            if self.cluster.embedded:
+                # Pin exactly the listed GPU; Ray would otherwise pick any free one.
+                env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
+                env["CUDA_VISIBLE_DEVICES"] = _physical_gpu(self.devices.ids[index])
+        else:
+            opts["num_cpus"] = CPU_RANK_CPUS
+            # Torch would start one OpenMP thread per core in every rank; the worker sets its share later.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world_size))
+        opts["runtime_env"] = {"env_vars": env}
+        cls = self._ray.remote(RayWorkerWrapper)
+        return cls.options(**opts).remote(worker_cls)
+
+    def _wait_ready(self, timeout: float) -> None:
+        refs = [a.ready.remote() for a in self._actors]
+        try:
+            infos = self._gather(refs, "start", timeout)
+        except WorkerTimeout as e:
+            raise WorkerTimeout(
+                f"{e}. Ray could not start {self.world_size} worker(s) for {self.devices.describe()}; "
+                f"cluster resources: {self._ray.available_resources()}. Check `ray status` or raise XDIT_START_TIMEOUT_S"
+            ) from e
+        # Ranks sharing a node get neighbouring rank numbers (Ulysses groups stay on fast links).
+        order = sorted(range(len(infos)), key=lambda i: (infos[i]["node_ip"] != infos[0]["node_ip"], infos[i]["node_ip"]))
+        self._actors = [self._actors[i] for i in order]
+        self.placement = [infos[i] for i in order]
+
+    @property
+    def fast_link_group(self) -> int | None:
+        """Ranks per node when the pool spans several nodes with equal counts, else None."""
+        per_node: dict[str, int] = {}
+        for p in self.placement:
+            per_node[p["node_ip"]] = per_node.get(p["node_ip"], 0) + 1
+        counts = set(per_node.values())
+        return counts.pop() if len(per_node) > 1 and len(counts) == 1 else None
+
+    def init_process_group(
+        self, backend: str, timeout_s: float, comfy_root: str | None, cli_args: dict[str, Any] | None
+    ) -> None:
+        """Form the default process group: rank 0 picks a port, every rank joins concurrently."""
+        host = self.cluster.torch_host if self.fast_link_group is None else self.placement[0]["node_ip"]
+        port = self._gather([self._actors[0].free_port.remote(host)], "free_port", 30.0)[0]
+        init_method = f"tcp://{host}:{port}"
+        per_rank = [
+            (r, self.world_size, init_method, backend, timeout_s, comfy_root, cli_args) for r in range(self.world_size)
+        ]
+        self.collective_rpc("init_distributed", per_rank_args=per_rank, timeout=timeout_s)
+
+    # -- calls ---------------------------------------------------------------------------------------
+    def collective_rpc(
+        self,
+        method: str,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        timeout: float = DEFAULT_RPC_TIMEOUT_S,
+        per_rank_args: list[tuple[Any, ...]] | None = None,
+    ) -> list[Any]:
+        if self._failure is not None or not self._actors:
+            raise WorkerError(f"{method}: the worker pool is shut down ({self._failure or 'shutdown() was called'})")
+        if per_rank_args is not None and len(per_rank_args) != self.world_size:
+            raise ValueError(f"per_rank_args has {len(per_rank_args)} entries for {self.world_size} ranks")
+        kw = kwargs or {}
+        refs = [
+            a.execute.remote(method, *(per_rank_args[r] if per_rank_args is not None else args), **kw)
+            for r, a in enumerate(self._actors)
+        ]
+        return self._gather(refs, method, timeout)
+
+    def _gather(self, refs: list[Any], method: str, timeout: float) -> list[Any]:
+        """Results in rank order; the first failure (not the slowest rank) ends the wait."""
+        ray = self._ray
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        pending = list(refs)
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                slow = sorted(rank_of[r] for r in pending)
+                self._fail(f"{method} timed out after {timeout:.0f} s on rank(s) {slow}")
+                raise WorkerTimeout(f"{method}: rank(s) {slow} did not answer within {timeout:.0f} s")
+            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0))
+            for ref in ready:
+                rank = rank_of[ref]
+                try:
+                    results[rank] = ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError as e:
+                    self._fail(f"rank {rank} died during {method}")
+                    raise WorkerError(f"rank {rank} ({self._where(rank)}) died during {method}: {_last_line(e)}") from e
+                except ray.exceptions.RayError as e:
+                    self._fail(f"rank {rank} failed in {method}")
+                    raise WorkerError(f"rank {rank} ({self._where(rank)}) failed in {method}: {_last_line(e)}") from e
+        return [results[r] for r in range(len(refs))]
+
+    def _where(self, rank: int) -> str:
+        if self.devices.kind is DeviceKind.CPU or rank >= len(self.placement):
+            return f"{self.devices.kind} rank"
+        return f"GPU {self.devices.ids[rank]}" if self.cluster.embedded else f"node {self.placement[rank]['node_ip']}"
+
+    def check_health(self, timeout: float = 10.0) -> None:
+        self.collective_rpc("ping", timeout=timeout)
+
+    def actor_pids(self) -> list[int]:
+        return [int(p["pid"]) for p in self.placement]
+
+    # -- stop ----------------------------------------------------------------------------------------
+    def _fail(self, why: str) -> None:
+        log.warning("xDiT: %s; stopping all %d worker(s)", why, len(self._actors))
+        self._failure = why
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        actors, self._actors = self._actors, []
+        if not self._ray.is_initialized():
+            return  # Ray (and with it every actor) is already gone, e.g. at interpreter exit
+        for a in actors:
+            try:
+                self._ray.kill(a, no_restart=True)
+            except (ValueError, RuntimeError, self._ray.exceptions.RayError) as e:
+                # Already dead or Ray already shut down: nothing left to release.
+                log.debug("xDiT: ray.kill: %s", e)
+
+    def shutdown(self) -> None:
+        if self._failure is None:
+            self._failure = "shut down"
+        self._kill_all()

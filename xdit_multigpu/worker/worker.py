@@ -1,0 +1,173 @@
+"""``Worker``: one rank. Owns its device, the process group, the loaded model and the parallel groups.
+
+Runs inside a Ray actor (one per device) or, for the fallback, in the ComfyUI process on an existing
+``ModelPatcher``. Every public method logs failures with rank and method name before re-raising: the
+engine sees the error, but the worker's log is where its full traceback lives.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from ..config import LoadSpec, ParallelPlan
+from ..engine.request import SampleRequest
+from . import comfy_runtime
+from .bootstrap import import_comfy
+
+log = logging.getLogger("xdit_multigpu.worker")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _logged(fn: F) -> F:
+    """Log ``rank r: method failed`` with the traceback, then re-raise (the caller decides what to do)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Worker, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception:
+            log.exception("xDiT worker rank %d: %s failed", self.rank, fn.__name__)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Worker:
+    """A rank: ``init_distributed`` -> ``load_model`` -> ``sample``... -> ``free``."""
+
+    def __init__(self) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self.backend = "gloo"
+        self.timeout_s = 600.0
+        self.patcher: Any = None
+        self.spec: Any = None  # models.registry.ModelSpec of the loaded model, None if unsupported
+        self._groups: dict[tuple[int, int, int], Any] = {}
+
+    @classmethod
+    def from_patcher(cls, patcher: Any) -> Worker:
+        """An in-process rank 0 of 1 wrapping a MODEL the host already loaded (the fallback)."""
+        w = cls()
+        w.patcher = patcher
+        w.spec = _spec_of(patcher)
+        return w
+
+    @_logged
+    def init_distributed(
+        self,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        backend: str,
+        timeout_s: float,
+        comfy_root: str | None,
+        cli_args: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Import ComfyUI for this device, then join the default process group (collective)."""
+        cpu = backend == "gloo"
+        if comfy_root:
+            # Before torch picks a device: ComfyUI decides CPU vs CUDA at import.
+            import_comfy(comfy_root, cpu=cpu, cli_args=cli_args)
+        import torch
+        import torch.distributed as dist
+
+        self.rank, self.world_size, self.backend, self.timeout_s = rank, world_size, backend, float(timeout_s)
+        if cpu:
+            # Every rank shares the host's cores; oversubscribing them makes each collective wait on the slowest.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        else:
+            torch.cuda.set_device(0)  # the actor sees exactly one GPU (CUDA_VISIBLE_DEVICES)
+        t0 = time.perf_counter()
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            )
+        return {"rank": rank, "pid": os.getpid(), "init_s": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads()}
+
+    @_logged
+    def load_model(self, load: LoadSpec) -> dict[str, Any]:
+        """Load the diffusion model with ComfyUI's own loader; returns facts for logs and checks."""
+        t0 = time.perf_counter()
+        self.free()
+        self.patcher = comfy_runtime.load_diffusion_model(load)
+        self.spec = _spec_of(self.patcher)
+        cfg = self.patcher.model.model_config
+        heads = self.spec.heads(cfg.unet_config) if self.spec is not None else 0
+        return {
+            "config_class": type(cfg).__name__,
+            "family": self.spec.name if self.spec is not None else None,
+            "heads": heads,
+            "dtype": str(self.patcher.model.get_dtype()),
+            "params": sum(p.numel() for p in self.patcher.model.diffusion_model.parameters()),
+            "load_s": round(time.perf_counter() - t0, 3),
+        }
+
+    @_logged
+    def sample(self, req: SampleRequest) -> Any:
+        """Run ComfyUI's sampler on this rank's share; rank 0 returns the latent (CPU), others None."""
+        if self.patcher is None:
+            raise RuntimeError("sample called before load_model")
+        plan = req.plan
+        if plan.world_size > self.world_size:
+            raise ValueError(f"plan needs {plan.world_size} ranks, the pool has {self.world_size}: {plan.describe()}")
+        patcher = self.patcher
+        if self.world_size > 1:
+            groups = self._groups_for(plan)  # collective on every rank, idle ones included
+            if self.rank >= plan.world_size:
+                return None  # more devices than the plan uses (e.g. a CFG-only model on 4 GPUs)
+            if plan.world_size > 1:
+                from ..parallel.apply import parallelize
+
+                if self.spec is None:
+                    raise RuntimeError(f"{type(self.patcher.model.model_config).__name__} has no ModelSpec to parallelize")
+                patcher = parallelize(self.patcher, self.spec, plan, groups)
+        out = comfy_runtime.run_sampler(patcher, req)
+        return out.cpu() if self.rank == 0 else None
+
+    def _groups_for(self, plan: ParallelPlan) -> Any:
+        key = (plan.cfg, plan.ulysses, plan.ring)
+        if key not in self._groups:
+            from ..parallel.groups import ParallelGroups
+
+            self._groups[key] = ParallelGroups.build(plan, self.rank, self.world_size, self.timeout_s)
+        return self._groups[key]
+
+    def ping(self) -> dict[str, Any]:
+        return {"rank": self.rank, "pid": os.getpid(), "loaded": self.patcher is not None}
+
+    @_logged
+    def all_reduce_sum(self, value: float) -> float:
+        """Sum ``value`` over the default group: proves the process group works end to end."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], device="cpu" if self.backend == "gloo" else "cuda")
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def free(self) -> None:
+        """Drop the model and cached groups (the process group stays; it dies with the actor)."""
+        self.patcher = None
+        self.spec = None
+        self._groups.clear()
+        gc.collect()
+        try:
+            import comfy.model_management as mm
+
+            mm.soft_empty_cache()
+        except ImportError:
+            pass  # ComfyUI was never imported in this process: nothing is cached there
+
+
+def _spec_of(patcher: Any) -> Any:
+    from ..models import lookup_config
+
+    return lookup_config(patcher.model.model_config)
