@@ -1,0 +1,70 @@
+"""Bad node inputs are refused before anything starts, with a message naming the field and the fix."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+
+def _validate(name: str, devices: str = "cpu", strategy: str = "Hybrid", scheduling: str = "round_robin"):
+    from xdit_multigpu.nodes.loaders import XDiTUNetLoader
+
+    return XDiTUNetLoader.VALIDATE_INPUTS(name, "default", devices, strategy, scheduling)
+
+
+@pytest.mark.parametrize(
+    ("devices", "needle"),
+    [
+        ("", "gpu_devices: is empty"),
+        ("0,,1", "gpu_devices: \"0,,1\" is malformed"),
+        ("1,1", "gpu_devices: \"1,1\" lists GPU 1 more than once"),
+        ("0,7", "gpu_devices: GPU 0 is out of range: this machine has no CUDA GPU"),
+    ],
+)
+def test_bad_gpu_devices(tiny_models, devices, needle):
+    msg = _validate(os.path.basename(tiny_models["sd3"].path), devices)
+    assert isinstance(msg, str) and msg.startswith(needle), msg
+
+
+def test_strategy_the_model_cannot_do(tiny_models):
+    msg = _validate(os.path.basename(tiny_models["pixart_sigma"].path), "cpu:2", "USP")
+    assert isinstance(msg, str) and msg.startswith("parallel_strategy: USP (sequence parallel) is not available for PixArt")
+    assert "Choose Hybrid or CFG" in msg
+    msg = _validate(os.path.basename(tiny_models["sd3"].path), "cpu:4", "CFG")
+    assert isinstance(msg, str) and "exactly 2 devices" in msg and "gpu_devices lists 4" in msg
+    msg = _validate(os.path.basename(tiny_models["sd3"].path), "cpu:2", "PipeFusion")
+    assert isinstance(msg, str) and msg.startswith("parallel_strategy: PipeFusion is not yet available")
+
+
+def test_missing_unreadable_and_undetectable_files(tiny_models, tmp_path):
+    import folder_paths
+    import torch
+    from safetensors.torch import save_file
+
+    msg = _validate("no_such_model.safetensors")
+    assert isinstance(msg, str) and msg.startswith('unet_name: "no_such_model.safetensors" was not found')
+
+    folder = os.path.dirname(tiny_models["sd3"].path)
+    broken = os.path.join(folder, "xdit_test_truncated.safetensors")
+    with open(broken, "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    unknown = os.path.join(folder, "xdit_test_unknown.safetensors")
+    save_file({"foo.weight": torch.zeros(2, 2)}, unknown)
+    folder_paths.filename_list_cache.clear()
+    try:
+        msg = _validate("xdit_test_truncated.safetensors")
+        assert isinstance(msg, str) and "could not be read" in msg and msg.startswith("unet_name:")
+        msg = _validate("xdit_test_unknown.safetensors")
+        assert isinstance(msg, str) and msg.startswith('unet_name: ComfyUI cannot detect the model in "xdit_test_unknown')
+    finally:
+        os.remove(broken)
+        os.remove(unknown)
+
+
+def test_valid_inputs_pass(tiny_models):
+    for fam in ("sd3", "pixart_sigma", "hunyuan_dit"):
+        assert _validate(os.path.basename(tiny_models[fam].path), "cpu:2") is True
+    assert _validate(os.path.basename(tiny_models["sd3"].path), "cpu:4", "USP") is True
