@@ -217,7 +217,7 @@ _RECIPES: dict[str, _Recipe] = {
         _Recipe(
             "hunyuan_dit", DIFFUSION_MODELS, "unet", _HUNYUAN_DIT, "HunyuanDiT", True, "bfloat16",
             dict(context_dim=1024, context_tokens=77, pooled_dim=0, latent_channels=4, heads=16,
-                 extra_cond="conditioning_mt5xl (B, 256, 2048), attention_mask (B, 77), "
+                 extra_cond="context exactly 77 tokens; conditioning_mt5xl (B, 256, 2048), attention_mask (B, 77), "
                  "attention_mask_mt5xl (B, 256), width, height"),
         ),
         _Recipe(
@@ -470,6 +470,8 @@ def conditioning_for(
     elif fam == "sdxl":
         extras.update(width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height)
     elif fam == "hunyuan_dit":
+        if n != 77:  # HunYuanDiT's text_len (77 BERT tokens) and text_len_t5 (256) are fixed
+            raise ValueError("HunyuanDiT conditioning has exactly 77 tokens (plus 256 mT5 tokens)")
         extras["conditioning_mt5xl"] = torch.randn(batch, 256, 2048, generator=gen)
         extras["attention_mask"] = torch.ones(batch, n, dtype=torch.int64)
         extras["attention_mask_mt5xl"] = torch.ones(batch, 256, dtype=torch.int64)
