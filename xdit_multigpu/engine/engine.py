@@ -126,6 +126,10 @@ class Engine:
             import ray  # noqa: F401, PLC0415
         except ImportError:
             return self._fallback(req, fallback_patcher, "Ray is not installed (pip install ray)", timings)
+        if plan.world_size < world:
+            # e.g. a CFG-only model on 4 GPUs: start only the ranks the plan uses, leave the rest free.
+            spec = dataclasses.replace(spec, devices=dataclasses.replace(spec.devices, ids=spec.devices.ids[: plan.world_size]))
+            world = plan.world_size
         t0 = time.perf_counter()
         try:
             pool = self.pool(spec)

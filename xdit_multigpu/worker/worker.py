@@ -112,23 +112,23 @@ class Worker:
 
     @_logged
     def sample(self, req: SampleRequest) -> Any:
-        """Run ComfyUI's sampler on this rank's share; rank 0 returns the latent (CPU), others None."""
+        """Run ComfyUI's sampler with this rank's share of the work; rank 0 returns the latent (CPU), others None.
+
+        Every rank runs the same ``comfy.sample.sample`` call; ``parallelize`` (on a clone) makes the ranks
+        split the model's work and exchange activations so they all end on the same latent.
+        """
         if self.patcher is None:
             raise RuntimeError("sample called before load_model")
         plan = req.plan
-        if plan.world_size > self.world_size:
-            raise ValueError(f"plan needs {plan.world_size} ranks, the pool has {self.world_size}: {plan.describe()}")
+        if plan.world_size != self.world_size:
+            raise ValueError(f"{plan.describe()} needs {plan.world_size} ranks but this pool has {self.world_size}")
         patcher = self.patcher
-        if self.world_size > 1:
-            groups = self._groups_for(plan)  # collective on every rank, idle ones included
-            if self.rank >= plan.world_size:
-                return None  # more devices than the plan uses (e.g. a CFG-only model on 4 GPUs)
-            if plan.world_size > 1:
-                from ..parallel.apply import parallelize
+        if plan.world_size > 1:
+            from ..parallel.apply import parallelize
 
-                if self.spec is None:
-                    raise RuntimeError(f"{type(self.patcher.model.model_config).__name__} has no ModelSpec to parallelize")
-                patcher = parallelize(self.patcher, self.spec, plan, groups)
+            if self.spec is None:
+                raise RuntimeError(f"{type(self.patcher.model.model_config).__name__} has no ModelSpec to parallelize")
+            patcher = parallelize(self.patcher, self.spec, plan, self._groups_for(plan))
         out = comfy_runtime.run_sampler(patcher, req)
         return out.cpu() if self.rank == 0 else None
 
