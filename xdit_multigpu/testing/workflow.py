@@ -60,3 +60,28 @@ def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str
                 inputs[inp["name"]] = [str(link[1]), link[2]]
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}
     return prompt
+
+
+# xDiT node -> (stock node, inputs the stock node does not have)
+_STOCK = {
+    "XDiTUNetLoader": ("UNETLoader", ("gpu_devices", "parallel_strategy", "scheduling_strategy", "ray_address")),
+    "XDiTCheckpointLoader": (
+        "CheckpointLoaderSimple", ("gpu_devices", "parallel_strategy", "scheduling_strategy", "ray_address")),
+    "XDiTKSampler": ("KSampler", ("xdit_dispatcher",)),
+    "XDiTVAELoader": ("VAELoader", ("device",)),
+    "XDiTCLIPLoader": ("CLIPLoader", ("device",)),
+    "XDiTDualCLIPLoader": ("DualCLIPLoader", ("device",)),
+}
+
+
+def stock_equivalent(prompt: dict[str, Any]) -> dict[str, Any]:
+    """The same API prompt with every xDiT node replaced by the stock node it extends.
+
+    Output slots of the stock nodes come first in the xDiT nodes, so links stay valid; the dispatcher
+    output, which the stock graph has no use for, is simply not consumed.
+    """
+    out: dict[str, Any] = {}
+    for nid, node in prompt.items():
+        cls, drop = _STOCK.get(node["class_type"], (node["class_type"], ()))
+        out[nid] = {"class_type": cls, "inputs": {k: v for k, v in node["inputs"].items() if k not in drop}}
+    return out

@@ -1,0 +1,109 @@
+"""A real ComfyUI server (main.py --cpu on 127.0.0.1) with this pack, driven over HTTP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from tests.conftest import COMFYUI_PATH, REPO
+
+pytestmark = pytest.mark.comfy
+
+NODES = {
+    "XDiTCheckpointLoader": "Load Checkpoint (xDiT Multi-GPU)",
+    "XDiTUNetLoader": "Load UNet (xDiT Multi-GPU)",
+    "XDiTKSampler": "KSampler (xDiT Multi-GPU)",
+    "XDiTVAELoader": "Load VAE (xDiT)",
+    "XDiTCLIPLoader": "Load CLIP (xDiT)",
+    "XDiTDualCLIPLoader": "Load Dual CLIP (xDiT)",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from xdit_multigpu.testing.server import ComfyServer, prepare_base_dir
+    from xdit_multigpu.testing.tiny_models import write_tiny_models
+
+    base = prepare_base_dir(REPO / ".host" / "test-server")
+    tiny = write_tiny_models(str(base / "models"), families=["sd3", "clip_l", "vae16", "pixart_sigma"],
+                             comfy_root=COMFYUI_PATH)
+    srv = ComfyServer(pathlib.Path(COMFYUI_PATH), base, extra_args=["--output-directory", str(base / "output")])
+    srv.start()
+    srv.tiny = tiny
+    srv.info = srv.get("/object_info")
+    yield srv
+    srv.stop()
+
+
+def _sd3_prompt(server, devices: str):
+    from xdit_multigpu.testing.demo import adapt_to_tiny, load_example
+
+    return adapt_to_tiny(load_example("sd3_xdit_multigpu", server.info), server.tiny, devices, 3, 128)
+
+
+def _image(entry, server) -> np.ndarray:
+    from PIL import Image
+
+    from xdit_multigpu.testing.server import saved_images
+
+    (path,) = saved_images(entry, server.base / "output")
+    return np.asarray(Image.open(path)).astype(np.int16)
+
+
+def test_object_info_lists_the_six_nodes(server):
+    for cls, name in NODES.items():
+        assert server.info[cls]["display_name"] == name
+        assert server.info[cls]["category"] == "xDiT Multi-GPU"
+        for section in server.info[cls]["input"].values():
+            for inp, spec in section.items():
+                if isinstance(spec, list) and len(spec) > 1 and isinstance(spec[1], dict):
+                    assert spec[1].get("tooltip"), f"{cls}.{inp} has no tooltip"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("gpu_devices", "0,0", 'gpu_devices: "0,0" lists GPU 0 more than once'),
+        ("gpu_devices", "", "gpu_devices: is empty"),
+        ("gpu_devices", "zero", "is malformed"),
+        ("gpu_devices", "3", "gpu_devices: GPU 3 is out of range"),
+        ("unet_name", "missing.safetensors", 'unet_name: "missing.safetensors" was not found'),
+        ("parallel_strategy", "Tensor", "parallel_strategy: Tensor is not yet available"),
+    ],
+)
+def test_bad_inputs_are_node_errors_and_the_server_stays_up(server, field, value, needle):
+    prompt = _sd3_prompt(server, "cpu")
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "XDiTUNetLoader")
+    prompt[loader]["inputs"][field] = value
+    code, body = server.queue(prompt)
+    assert code == 400
+    details = " ".join(e["details"] for e in body["node_errors"][loader]["errors"])
+    assert needle in details, details
+    assert server.get("/system_stats")["system"]  # still serving
+
+
+def test_strategy_the_model_cannot_do_is_a_node_error(server):
+    prompt = _sd3_prompt(server, "cpu:2")
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "XDiTUNetLoader")
+    prompt[loader]["inputs"].update(unet_name=os.path.basename(server.tiny["pixart_sigma"].path),
+                                    parallel_strategy="USP")
+    code, body = server.queue(prompt)
+    assert code == 400
+    assert "USP (sequence parallel) is not available for PixArt" in str(body["node_errors"][loader])
+
+
+def test_one_device_workflow_equals_stock_workflow(server):
+    from xdit_multigpu.testing.workflow import stock_equivalent
+
+    prompt = _sd3_prompt(server, "cpu")
+    ours = server.run(copy.deepcopy(prompt), timeout=300)
+    assert ours["status"]["status_str"] == "success", ours["status"]
+    stock = server.run(stock_equivalent(prompt), timeout=300)
+    assert stock["status"]["status_str"] == "success", stock["status"]
+    a, b = _image(ours, server), _image(stock, server)
+    assert a.shape == b.shape == (128, 128, 3)
+    assert np.array_equal(a, b)
