@@ -107,3 +107,22 @@ def test_one_device_workflow_equals_stock_workflow(server):
     a, b = _image(ours, server), _image(stock, server)
     assert a.shape == b.shape == (128, 128, 3)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", ["Hybrid", "USP"])
+def test_two_cpu_ranks_equal_stock_workflow(server, strategy):
+    """The xDiT workflow on 2 CPU ranks (Ray actors, gloo) returns the stock workflow's image (±1/255)."""
+    from xdit_multigpu.testing.demo import node_text
+    from xdit_multigpu.testing.workflow import stock_equivalent
+
+    prompt = _sd3_prompt(server, "cpu:2")
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "XDiTUNetLoader")
+    prompt[loader]["inputs"]["parallel_strategy"] = strategy
+    ours = server.run(copy.deepcopy(prompt), timeout=600)
+    assert ours["status"]["status_str"] == "success", ours["status"]
+    status = node_text(ours, "XDiTKSampler", prompt)
+    expected = "cfg 2 x ulysses 1 x ring 1" if strategy == "Hybrid" else "cfg 1 x ulysses 2 x ring 1"
+    assert expected in status and "one device" not in status, status
+    stock = server.run(stock_equivalent(prompt), timeout=300)
+    a, b = _image(ours, server), _image(stock, server)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1, np.abs(a - b).max()

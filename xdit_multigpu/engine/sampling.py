@@ -56,17 +56,21 @@ def sample_latent(model: Any, spec: DispatcherSpec, seed: int, steps: int, cfg: 
     args = (seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise)
     blocker = parallel_blocker(model, spec)
     if blocker is None:
-        t0 = time.perf_counter()
         from .engine import get_engine
 
-        outcome = get_engine().sample(spec, model, *args, cfg_active=not math.isclose(cfg, 1.0))
-        if outcome.latent is not None:
-            out = latent.copy()
-            out["samples"] = outcome.latent
-            took = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outcome = get_engine().sample_ksampler(spec, model, *args, cfg_active=not math.isclose(cfg, 1.0))
+        took = time.perf_counter() - t0
+        out = latent.copy()
+        out["samples"] = outcome.latent
+        if outcome.fallback_reason is None:
             return SampleResult(out, f"xDiT: {outcome.plan.describe()} ({spec.devices.describe()}), {took:.1f} s", True)
-        blocker = outcome.fallback_reason or "the worker pool returned no latent"
+        # The engine already sampled on one device (same call as the stock path) after a worker failure.
+        return SampleResult(out, _one_device(outcome.fallback_reason, took), False)
     t0 = time.perf_counter()
     out = stock_sample(model, *args)
-    took = time.perf_counter() - t0
-    return SampleResult(out, f"xDiT: sampled on one device with ComfyUI's sampler ({blocker}), {took:.1f} s", False)
+    return SampleResult(out, _one_device(blocker, time.perf_counter() - t0), False)
+
+
+def _one_device(reason: str, seconds: float) -> str:
+    return f"xDiT: sampled on one device with ComfyUI's sampler ({reason}), {seconds:.1f} s"
