@@ -58,7 +58,8 @@ class Engine:
         self.timeouts = timeouts or Timeouts.from_env()
         self._pool_factory = pool_factory or WorkerPool.start
         self._pools: dict[tuple[object, ...], WorkerPool] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pools only (held briefly)
+        self._run_lock = threading.RLock()  # held while a pool is used, so release_all can wait for it
 
     # -- pools ---------------------------------------------------------------------------------------
     def pool(self, spec: DispatcherSpec) -> WorkerPool:
@@ -89,15 +90,28 @@ class Engine:
         if pool is not None:
             pool.shutdown()
 
-    def release_all(self) -> None:
-        """Stop every pool (ComfyUI's /free, unload, atexit). Never raises."""
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            try:
-                pool.shutdown()
-            except Exception as e:  # noqa: BLE001  (shutdown must go on for the other pools)
-                log.warning("xDiT: pool shutdown raised %s: %s", type(e).__name__, e)
+    def release_all(self, wait_s: float = 10.0, stop_ray: bool = True) -> None:
+        """Stop every pool and the embedded Ray cluster (ComfyUI's /free, atexit). Never raises.
+
+        Waits up to ``wait_s`` for a running ``sample`` to finish first, so /free during a job does not
+        turn it into a one-device fallback; after that the workers are killed regardless.
+        """
+        got = self._run_lock.acquire(timeout=max(0.0, wait_s))
+        try:
+            with self._lock:
+                pools, self._pools = list(self._pools.values()), {}
+            for pool in pools:
+                try:
+                    pool.shutdown()
+                except Exception as e:  # noqa: BLE001  (shutdown must go on for the other pools)
+                    log.warning("xDiT: pool shutdown raised %s: %s", type(e).__name__, e)
+            if stop_ray:
+                from ..executor.cluster import shutdown_cluster
+
+                shutdown_cluster()
+        finally:
+            if got:
+                self._run_lock.release()
 
     # -- sampling ------------------------------------------------------------------------------------
     def sample(
@@ -112,8 +126,15 @@ class Engine:
         """Sample ``req`` over ``spec.devices``; on any worker failure, on ``fallback_patcher`` with a reason.
 
         ``ConfigError`` (e.g. CFG strategy on 4 devices) is raised, not hidden by the fallback: the user
-        must change a widget. ``req.plan`` is ignored and replaced by the planner's.
+        must change a widget. ``req.plan`` is ignored and replaced by the planner's. Holds the run lock
+        so that ``release_all`` waits (bounded) for the job instead of killing it.
         """
+        with self._run_lock:
+            return self._sample(spec, req, model_spec, heads, cfg_active, fallback_patcher)
+
+    def _sample(
+        self, spec: DispatcherSpec, req: SampleRequest, model_spec: Any, heads: int, cfg_active: bool, fallback_patcher: Any
+    ) -> SampleOutcome:
         timings: dict[str, float] = {}
         world = spec.devices.world_size
         axes = model_spec.axes if model_spec is not None else frozenset()
@@ -148,6 +169,38 @@ class Engine:
         log.info("xDiT: %s (%s) in %.1f s", plan.describe(), plan.reason, timings["sample_s"])
         return SampleOutcome(latent, plan, None, timings)
 
+    def sample_ksampler(
+        self,
+        spec: DispatcherSpec,
+        model: Any,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        positive: Any,
+        negative: Any,
+        latent: dict[str, Any],
+        denoise: float = 1.0,
+        *,
+        cfg_active: bool,
+    ) -> SampleOutcome:
+        """``KSampler`` arguments -> ``sample``: noise made here once (as ``common_ksampler`` does), so
+        every rank and the fallback start from the same tensor; ``model`` is also the fallback MODEL."""
+        from ..models import lookup_config
+        from ..worker import comfy_runtime
+
+        latent_image, noise = comfy_runtime.prepare_noise(model, latent, seed)
+        req = SampleRequest(
+            noise=noise, latent_image=latent_image, positive=positive, negative=negative, seed=seed, steps=steps,
+            cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
+            noise_mask=latent.get("noise_mask"),
+        )
+        model_config = model.model.model_config
+        model_spec = lookup_config(model_config)
+        heads = model_spec.heads(model_config.unet_config) if model_spec is not None else 0
+        return self.sample(spec, req, model_spec, heads, cfg_active, model)
+
     def _fallback(self, req: SampleRequest, patcher: Any, reason: str, timings: dict[str, float]) -> SampleOutcome:
         """The same request on the host's MODEL, in-process, with ComfyUI's sampler."""
         log.warning("xDiT: sampling on one device: %s", reason)
@@ -181,9 +234,10 @@ def get_engine() -> Engine:
 
 
 def release_all() -> None:
-    """Stop every worker pool and the embedded Ray cluster (ComfyUI's /free)."""
+    """Stop every worker pool and the embedded Ray cluster (same as ``get_engine().release_all()``)."""
     if _engine is not None:
         _engine.release_all()
-    from ..executor.cluster import shutdown_cluster
+    else:
+        from ..executor.cluster import shutdown_cluster
 
-    shutdown_cluster()
+        shutdown_cluster()

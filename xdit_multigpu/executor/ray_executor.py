@@ -103,8 +103,19 @@ class RayExecutor(Executor):
         if self.world_size < 1:
             raise WorkerError("gpu_devices: no device to start a worker on")
         self._check_resources()
-        self._actors = [self._spawn(i, worker_cls) for i in range(self.world_size)]
-        self._wait_ready(start_timeout)
+        try:
+            for i in range(self.world_size):
+                self._actors.append(self._spawn(i, worker_cls))
+            self._wait_ready(start_timeout)
+        except BaseException:
+            self._failure = "start failed"
+            self._kill_all()  # no half-started pool may keep devices
+            raise
+        if devices.kind is DeviceKind.CUDA and not cluster.embedded and devices.ids != tuple(range(self.world_size)):
+            log.warning(
+                "xDiT: on a joined Ray cluster Ray picks the GPUs; gpu_devices %s is used as a count (%d)",
+                devices.text or devices.ids, self.world_size,
+            )
 
     # -- start ---------------------------------------------------------------------------------------
     def _check_resources(self) -> None:
