@@ -1,0 +1,149 @@
+"""Rank-side code of the distributed tests: tiny fp32 models, sampling cases, one-device references.
+
+A payload is ``(model_name, cases)``. Every rank builds the same tiny model (seeded weights), runs each
+case's plan through ``ParallelGroups.build`` + ``parallelize`` + ComfyUI's own ``comfy.sample.sample``
+and returns its latents as numpy arrays. Rank 0 then computes the one-device references *in the same
+process, after the parallel runs* (so leaked global state would show up as a mismatch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+TEXT_LEN = 8
+
+
+@dataclass(frozen=True)
+class Case:
+    plan: tuple[int, int, int]  # (cfg, ulysses, ring)
+    sampler: str = "euler"
+    denoise: float = 1.0
+    cfg_scale: float = 2.5
+    size: int = 16  # latent height = width
+    steps: int = 2
+    variant: str = ""  # "", "mask", "no_override" (negative control), "neg_text" (uneven text lengths)
+
+    @property
+    def reference_key(self) -> tuple[Any, ...]:
+        variant = "" if self.variant == "no_override" else self.variant
+        return (self.sampler, self.denoise, self.cfg_scale, self.size, self.steps, variant)
+
+
+FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+                   hidden_size=128, mlp_ratio=4.0, num_heads=4, depth=1, depth_single_blocks=2, axes_dim=[8, 12, 12],
+                   theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+SD3_CONFIG = dict(in_channels=16, out_channels=16, patch_size=2, depth=4, input_size=None, adm_in_channels=32,
+                  context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}},
+                  num_patches=256, pos_embed_max_size=16, pos_embed_scaling_factor=None, qk_norm="rms",
+                  x_block_self_attn_layers=[0, 1], register_length=1)
+
+
+def _init_weights(module: Any, seed: int) -> None:
+    """Deterministic weights with O(1) activations, so attention errors are visible in the output."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            if p.ndim == 1 and ("norm" in name or name.endswith(".scale")):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.ndim >= 2:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def build_model(name: str) -> Any:
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    if name == "flux":
+        mc = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    else:
+        mc = comfy.supported_models.SD3(dict(SD3_CONFIG))
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({}, "")
+    _init_weights(model.diffusion_model, seed=7)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def conds(name: str, neg_text: bool = False) -> tuple[list[Any], list[Any]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    extra = {"guidance": 3.5} if name == "flux" else {}
+    pos = [[torch.randn(1, TEXT_LEN, 64, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]]
+    neg_len = TEXT_LEN - 3 if neg_text else TEXT_LEN
+    neg = [[torch.randn(1, neg_len, 64, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]]
+    return pos, neg
+
+
+def flux_mask(case: Case) -> Any:
+    """A full-square [txt | img] attention mask that hides some text keys from some rows."""
+    import torch
+
+    n = TEXT_LEN + (case.size // 2) ** 2
+    gen = torch.Generator().manual_seed(11)
+    keep = torch.rand(n, n, generator=gen) > 0.3
+    keep |= torch.eye(n, dtype=torch.bool)
+    return torch.where(keep, 0.0, -10000.0).unsqueeze(0)  # additive, as ComfyUI's backends expect
+
+
+def sample(patcher: Any, name: str, case: Case) -> Any:
+    import comfy.sample
+    import torch
+
+    latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, case.size, case.size))
+    seed = 42
+    noise = comfy.sample.prepare_noise(latent, seed)
+    pos, neg = conds(name, case.variant == "neg_text")
+    if case.variant == "mask":
+        mask = flux_mask(case)
+        extra = {"attention_mask": mask, "attention_mask_img_shape": (case.size // 2, case.size // 2)}
+        pos = [[c, {**d, **extra}] for c, d in pos]
+        neg = [[c, {**d, **extra}] for c, d in neg]
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return comfy.sample.sample(patcher, noise, case.steps, case.cfg_scale, case.sampler, "simple", pos, neg,
+                                   latent, denoise=case.denoise, seed=seed, disable_pbar=True)
+
+
+def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[str, Any]:
+    """Rank entry: parallel runs for every case, then (rank 0) the one-device references."""
+    import torch.distributed as dist
+
+    from xdit_multigpu.config import ParallelPlan
+    from xdit_multigpu.models import lookup_config
+    from xdit_multigpu.parallel.apply import parallelize
+    from xdit_multigpu.parallel.groups import ParallelGroups
+    from xdit_multigpu.parallel.hooks import OVERRIDE_KEY
+
+    name, cases = payload
+    base = build_model(name)
+    spec = lookup_config(base.model.model_config)
+    assert spec is not None
+    out: dict[str, Any] = {"parallel": [], "reference": {}, "times": []}
+    groups = None
+    for case in cases:
+        plan = ParallelPlan(*case.plan)
+        if groups is None or groups.plan != plan:
+            if groups is not None:
+                groups.destroy()
+            groups = ParallelGroups.build(plan, rank, world, timeout_s=60)
+        patched = parallelize(base, spec, plan, groups)
+        if case.variant == "no_override":  # negative control: local-only attention must be caught
+            patched.model_options["transformer_options"].pop(OVERRIDE_KEY)
+        t0 = time.perf_counter()
+        out["parallel"].append(sample(patched, name, case).numpy())
+        out["times"].append(time.perf_counter() - t0)
+    dist.barrier()
+    if rank == 0:
+        for case in cases:
+            if case.reference_key not in out["reference"]:
+                out["reference"][case.reference_key] = sample(base, name, case).numpy()
+    return out

@@ -1,0 +1,158 @@
+"""Generic sequence sharding: shard image tokens on entry, gather them on exit, per-call state.
+
+Sharding contract (every model installer follows it):
+
+* Text tokens (T of them, incl. register tokens) are replicated: every rank of the sequence group
+  holds and computes all of them.
+* Image tokens (L of them, incl. any reference-latent tokens appended to the image stream) are split
+  into contiguous shards in sp-rank order, sizes ``split_sizes(L, sp)`` (uneven when ``sp`` does not
+  divide ``L``).
+* Between the shard and the gather, self-attention over ``[text | local image]`` goes through the
+  attention override (``attention.py``), which reads this module's ``SequenceState``.
+* The gather restores the full image stream, identical on every rank, before the final layer.
+
+The state lives in ComfyUI's ``transformer_options`` (rebuilt on every ``_calc_cond_batch`` chunk; the
+same dict reaches every block and attention call of one forward), under ``STATE_KEY``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import WorkerError
+from .comm import all_gather_sizes, all_gather_uneven, split_sizes
+from .groups import ParallelGroups
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "xdit_sequence_parallel"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this rank's image tokens sit in the full image stream."""
+
+    sizes: tuple[int, ...]  # tokens per sp rank
+    index: int  # this rank's sp rank
+
+    @property
+    def local(self) -> int:
+        return self.sizes[self.index]
+
+    @property
+    def full(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.index])
+
+    @property
+    def even(self) -> bool:
+        return len(set(self.sizes)) == 1
+
+
+@dataclass
+class SequenceState:
+    """Per-forward record of the split. ``shard`` is None until the image stream is sharded;
+    ``active`` is False again once it has been gathered (attention then runs unchanged)."""
+
+    text_len: int = 0
+    shard: Shard | None = None
+    active: bool = False
+
+    def text_tokens_in(self, q_len: int) -> int | None:
+        """Text tokens in front of the local image tokens of a self-attention call of ``q_len``.
+
+        ``T + local`` -> T (joint text+image attention), ``local`` -> 0 (image-only attention, e.g.
+        SD3.5's x-block). These only coincide when T == 0, where both answers are 0. Anything else is
+        not a sharded self-attention: None.
+        """
+        if self.shard is None:
+            return None
+        if q_len == self.text_len + self.shard.local:
+            return self.text_len
+        if q_len == self.shard.local:
+            return 0
+        return None
+
+
+def state_of(transformer_options: MutableMapping[str, Any] | None) -> SequenceState | None:
+    if not transformer_options:
+        return None
+    state = transformer_options.get(STATE_KEY)
+    return state if isinstance(state, SequenceState) else None
+
+
+class SequenceParallel:
+    """The context a model installer receives: groups plus shard / gather helpers.
+
+    One instance per parallelised patcher; it holds no per-call data (that is ``SequenceState``).
+    """
+
+    def __init__(self, groups: ParallelGroups, attention_override: Any) -> None:
+        self.groups = groups
+        self.attention_override = attention_override  # install as transformer_options[...override]
+
+    @property
+    def size(self) -> int:
+        return self.groups.plan.sp
+
+    @property
+    def rank(self) -> int:
+        return self.groups.sp_rank
+
+    def begin(self, transformer_options: MutableMapping[str, Any], text_len: int = 0) -> SequenceState:
+        """Start a forward: put a fresh state into ``transformer_options`` and return it."""
+        state = SequenceState(text_len=text_len)
+        transformer_options[STATE_KEY] = state
+        return state
+
+    def shard(self, state: SequenceState, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Split the full image stream ``tokens`` along ``dim``; records the split in ``state``.
+
+        Checks first that every rank of the sequence group holds the same shapes (batch, text and
+        image lengths): ComfyUI may batch conds differently per rank when free memory differs, and
+        mismatched ranks would otherwise hang or mix data in the attention collectives.
+        """
+        full = tokens.shape[dim]
+        self._check_agreement(tokens.shape[0], state.text_len, full)
+        state.shard = Shard(split_sizes(full, self.size), self.rank)
+        state.active = True
+        if not state.shard.even:
+            log.debug("xDiT: %d image tokens do not divide over %d ranks: exact all-gather attention", full, self.size)
+        return self.slice_like(state, tokens, dim)
+
+    def slice_like(self, state: SequenceState, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's rows of a tensor aligned with the image stream (ids, residuals, masks)."""
+        shard = self._require(state)
+        if tokens.shape[dim] != shard.full:
+            raise ValueError(f"slice_like: {tokens.shape[dim]} rows along dim {dim}, image stream has {shard.full}")
+        return tokens.narrow(dim, shard.offset, shard.local)
+
+    def gather(self, state: SequenceState, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """All-gather the local image tokens back into the full stream; deactivates ``state``."""
+        shard = self._require(state)
+        full = all_gather_uneven(tokens, dim, shard.sizes, self.groups.sp)
+        state.active = False
+        return full
+
+    def _require(self, state: SequenceState) -> Shard:
+        if state.shard is None:
+            raise RuntimeError("sequence parallel: the image stream was not sharded in this forward")
+        return state.shard
+
+    def _check_agreement(self, batch: int, text_len: int, image_len: int) -> None:
+        seen = all_gather_sizes((batch, text_len, image_len), self.groups.sp)
+        if len(set(seen)) > 1:
+            raise WorkerError(
+                "sequence parallel ranks disagree on (batch, text tokens, image tokens): "
+                f"{dict(zip(self.groups.sp_ranks, seen))}. ComfyUI batched conds differently on different "
+                "ranks (free memory differs) or the inputs differ; give every rank the same inputs and "
+                "similar free memory"
+            )
