@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -82,11 +83,13 @@ _atexit_registered = False
 _owned = False  # True when this module called ray.init (so it may call ray.shutdown)
 
 
-def ensure_cluster(address: str | None = None, num_cpus: int | None = None) -> ClusterInfo:
+def ensure_cluster(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> ClusterInfo:
     """Start (or join) the cluster once per process; later calls return the same one.
 
     ``address`` or ``RAY_ADDRESS`` joins an existing cluster (the user's explicit choice); otherwise an
-    embedded loopback-only cluster starts. Raises ``WorkerError`` when Ray cannot start or connect.
+    embedded loopback-only cluster starts. ``num_cpus``/``num_gpus`` override Ray's detection for an
+    embedded cluster (tests use ``num_gpus`` to exercise GPU pinning without GPUs). Raises
+    ``WorkerError`` when Ray cannot start or connect.
     """
     global _current
     import ray  # noqa: PLC0415  (Ray is optional at import time; ImportError means "no Ray" upstream)
@@ -111,7 +114,7 @@ def ensure_cluster(address: str | None = None, num_cpus: int | None = None) -> C
             _set_owned(False)
             log.info("xDiT: reusing the Ray connection this process already has (%s)", _current.address)
         else:
-            _current = _join(ray, target) if target else _start_embedded(ray, num_cpus)
+            _current = _join(ray, target) if target else _start_embedded(ray, num_cpus, num_gpus)
             _set_owned(True)
         _register_atexit()
         return _current
@@ -126,13 +129,46 @@ def _runtime_env(root: str | None) -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": worker_pythonpath(root)}}
 
 
+JOIN_PROBE_TIMEOUT_S = 5.0
+
+
+def _resolve_join_address(ray: Any, address: str) -> tuple[str, str, int]:
+    """(address for ray.init, host, port). "auto" is read from Ray's temp dir, which may be stale."""
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die  # noqa: PLC0415
+
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as e:
+            raise WorkerError(f"ray_address: auto found no running Ray cluster ({e}). Start one or set RAY_ADDRESS") from e
+    bare = address.removeprefix("ray://")
+    host, sep, port = bare.rpartition(":")
+    if not sep or not port.isdigit():
+        raise WorkerError(f'ray_address: "{address}" is not host:port. Use e.g. 10.0.0.5:6379, or leave it empty')
+    return address, host.strip("[]"), int(port)
+
+
 def _join(ray: Any, address: str) -> ClusterInfo:
+    """Connect to the user's cluster; a short TCP probe first, because ray.init retries a dead address for
+    a minute or more (e.g. a stale ``ray_current_cluster``) and ComfyUI must not hang on it."""
     root = comfy_root()
+    target, host, port = _resolve_join_address(ray, address)
     try:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=_runtime_env(root), include_dashboard=False)
+        socket.create_connection((host, port), timeout=JOIN_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise WorkerError(
+            f"ray_address: nothing answers at {host}:{port} ({e}). Check RAY_ADDRESS and that the cluster runs (`ray status`)"
+        ) from e
+    kwargs: dict[str, Any] = {"address": target, "namespace": NAMESPACE, "runtime_env": _runtime_env(root)}
+    loop = is_loopback(host)
+    if loop:
+        kwargs["_node_ip_address"] = LOOPBACK  # a loopback-only cluster: this driver must not use the LAN IP
+    try:
+        with _loopback_node_ip() if loop else contextlib.nullcontext():
+            ray.init(**kwargs)
     except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError... depending on the stage
         raise WorkerError(
-            f"ray_address: could not join the Ray cluster at {address}: {type(e).__name__}: {e}. "
+            f"ray_address: could not join the Ray cluster at {target}: {type(e).__name__}: {e}. "
             "Check `ray status` on that cluster; with token auth set RAY_AUTH_MODE=token and the cluster's token"
         ) from e
     ctx = ray.get_runtime_context()
@@ -161,7 +197,7 @@ def _loopback_node_ip() -> Iterator[None]:
         rc.ENABLE_RAY_CLUSTER = old
 
 
-def _start_embedded(ray: Any, num_cpus: int | None) -> ClusterInfo:
+def _start_embedded(ray: Any, num_cpus: int | None, num_gpus: int | None = None) -> ClusterInfo:
     root = comfy_root()
     kwargs: dict[str, Any] = {
         "address": "local",  # never follow RAY_ADDRESS or a stale ray_current_cluster file
@@ -171,6 +207,8 @@ def _start_embedded(ray: Any, num_cpus: int | None) -> ClusterInfo:
         "runtime_env": _runtime_env(root),
         "num_cpus": num_cpus or os.cpu_count() or 1,
     }
+    if num_gpus is not None:
+        kwargs["num_gpus"] = num_gpus
     try:
         with _loopback_node_ip():
             ray.init(**kwargs)
