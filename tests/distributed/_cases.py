@@ -8,6 +8,7 @@ process, after the parallel runs* (so leaked global state would show up as a mis
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -124,10 +125,16 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     from xdit_multigpu.parallel.hooks import OVERRIDE_KEY
 
     name, cases = payload
+    notes: list[str] = []  # the attention's one-per-patcher "all-gather path" log line tells which path ran
+    handler = logging.Handler()
+    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
+    attn_log = logging.getLogger("xdit_multigpu.parallel.attention")
+    attn_log.addHandler(handler)
+    attn_log.setLevel(logging.INFO)
     base = build_model(name)
     spec = lookup_config(base.model.model_config)
     assert spec is not None
-    out: dict[str, Any] = {"parallel": [], "reference": {}, "times": []}
+    out: dict[str, Any] = {"parallel": [], "reference": {}, "times": [], "fallback": []}
     groups = None
     for case in cases:
         plan = ParallelPlan(*case.plan)
@@ -141,6 +148,8 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
         t0 = time.perf_counter()
         out["parallel"].append(sample(patched, name, case).numpy())
         out["times"].append(time.perf_counter() - t0)
+        out["fallback"].append(any("all-gather" in n for n in notes))
+        notes.clear()
     dist.barrier()
     if rank == 0:
         for case in cases:

@@ -80,6 +80,9 @@ def _check(model: str, world: int, index: int, comfy_root: str) -> None:
         assert min(diffs) > 1e-2, f"negative control was not caught: diffs {diffs}"
         return
     assert max(diffs) <= TOL, f"{case}: max |parallel - one device| per rank {diffs} > {TOL}"
+    if case.plan[1] * case.plan[2] > 1:  # which attention path ran: USP unless uneven shards or a mask
+        expect_fallback = (case.size // 2) ** 2 % (case.plan[1] * case.plan[2]) != 0 or case.variant == "mask"
+        assert [r["fallback"][index] for r in res] == [expect_fallback] * world, "unexpected attention path"
     assert max(spread) == 0.0, f"{case}: ranks disagree with rank 0 by {spread}"
 
 
