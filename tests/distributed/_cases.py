@@ -151,6 +151,9 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
         out["fallback"].append(any("all-gather" in n for n in notes))
         notes.clear()
     dist.barrier()
+    to = base.model_options.get("transformer_options", {})
+    out["base_untouched"] = (OVERRIDE_KEY not in to and not to.get("patches") and not to.get("patches_replace")
+                             and not any(base.wrappers.values()))
     if rank == 0:
         for case in cases:
             if case.reference_key not in out["reference"]:

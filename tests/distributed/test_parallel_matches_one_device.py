@@ -104,3 +104,10 @@ def test_sd3_2_ranks(index: int, comfy_root: str) -> None:
 @pytest.mark.parametrize("index", range(len(_cases("sd3", 4))), ids=_ids("sd3", 4))
 def test_sd3_4_ranks(index: int, comfy_root: str) -> None:
     _check("sd3", 4, index, comfy_root)
+
+
+@pytest.mark.parametrize(("model", "world"), [("flux", 2), ("flux", 4), ("sd3", 2), ("sd3", 4)])
+def test_original_patcher_untouched(model: str, world: int, comfy_root: str) -> None:
+    """parallelize installs everything on a clone: the loaded patcher has no override, patch or wrapper."""
+    _, res, _ = _results(model, world, comfy_root)
+    assert all(r["base_untouched"] for r in res)

@@ -9,7 +9,7 @@ import pytest
 from xdit_multigpu.config import ParallelPlan
 from xdit_multigpu.errors import ConfigError, UnsupportedModelError
 from xdit_multigpu.models.families import FLUX, SD3, SDXL
-from xdit_multigpu.parallel.apply import parallelize, validate
+from xdit_multigpu.parallel.apply import _refuse_control, parallelize, validate
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +42,12 @@ def test_plan_must_match_groups() -> None:
 def test_world_size_one_returns_patcher_unchanged() -> None:
     patcher = object()
     assert parallelize(patcher, FLUX, ParallelPlan(), _groups(ParallelPlan())) is patcher  # type: ignore[arg-type]
+
+
+def test_controlnet_is_refused_under_sequence_parallel() -> None:
+    def executor(*args: object, **kwargs: object) -> str:
+        return "ran"
+
+    assert _refuse_control(executor, None, None, None, None, None, {}) == "ran"
+    with pytest.raises(UnsupportedModelError, match="ControlNet"):
+        _refuse_control(executor, None, None, None, None, {"input": []}, {})

@@ -43,11 +43,6 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
 
     def diffusion_model(executor: Any, x: torch.Tensor, timestep: Any, context: torch.Tensor, y: Any, guidance: Any,
                         ref_latents: Any, control: Any, transformer_options: dict[str, Any], **kwargs: Any) -> Any:
-        if control is not None:
-            raise UnsupportedModelError(
-                "parallel_strategy", "ControlNet residuals are not sharded by Flux sequence parallel yet",
-                "Use CFG parallel (or one device) with ControlNet",
-            )
         current[0] = ctx.begin(transformer_options, text_len=context.shape[1])
         try:
             return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
