@@ -121,3 +121,30 @@ def test_no_gpu_visible_falls_back(engine, sd3):
     out = engine.sample(_spec(load, DeviceSet(DeviceKind.CUDA, (), "all")), req, _sd3_spec(), 4, True, patcher)
     assert out.fallback_reason == 'no GPU is visible (gpu_devices is "all")'
     assert (out.latent - ref).abs().max().item() == 0.0
+
+
+def test_comfy_cancel_stops_the_workers_and_raises_comfys_interrupt(engine, sd3):
+    """ComfyUI's cancel flag reaches the parallel path within ~1 s; no fallback run follows."""
+    import threading
+    import time
+
+    import comfy.model_management as mm
+
+    load, patcher, req, ref = sd3
+    spec = _spec(load, CPU2, ParallelStrategy.USP)
+    engine.sample(spec, req, _sd3_spec(), 4, True, patcher)  # pool warm
+    long_req = dataclasses.replace(req, steps=200)
+    timer = threading.Timer(1.5, mm.interrupt_current_processing, (True,))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            engine.sample(spec, long_req, _sd3_spec(), 4, True, patcher)
+    finally:
+        timer.cancel()
+        mm.interrupt_current_processing(False)
+    assert time.monotonic() - t0 < 8
+    assert not mm.processing_interrupted()
+    out = engine.sample(spec, req, _sd3_spec(), 4, True, patcher)  # a fresh pool
+    assert out.fallback_reason is None
+    assert (out.latent.float() - ref.float()).abs().max().item() <= TOL

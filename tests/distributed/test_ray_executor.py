@@ -161,6 +161,19 @@ def test_actor_killed_mid_call_is_worker_error_and_next_pool_works(cluster):
         ex2.shutdown()
 
 
+def test_abort_check_interrupts_a_running_call_and_stops_the_workers(cluster):
+    from xdit_multigpu.executor.ray_executor import WorkerInterrupted
+
+    ex = make(cluster, 2)
+    pids = ex.actor_pids()
+    t0 = time.monotonic()
+    ex.abort_check = lambda: time.monotonic() - t0 > 1.0  # ComfyUI's cancel pressed after 1 s
+    with pytest.raises(WorkerInterrupted, match="sleep: interrupted"):
+        ex.collective_rpc("sleep", (60,), timeout=30)
+    assert time.monotonic() - t0 < 5
+    _wait_dead(pids, 15)
+
+
 def test_four_cpu_ranks_start_on_two_cores(cluster):
     ex = make(cluster, 4)
     try:

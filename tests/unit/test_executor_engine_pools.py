@@ -128,6 +128,16 @@ def test_unhealthy_pool_is_rebuilt_before_use():
     assert out.fallback_reason is None and f.pools[0].closed and len(f.pools) == 2
 
 
+def test_interrupt_is_raised_not_turned_into_a_fallback():
+    from xdit_multigpu.executor.ray_executor import WorkerInterrupted
+
+    f = Factory(fail_sample=WorkerInterrupted("sample: interrupted; the workers were stopped"))
+    eng = Engine(T, f)
+    with pytest.raises(WorkerInterrupted):
+        eng.sample(spec(cuda(0, 1)), REQ, SD3, 24, True, "MODEL")
+    assert f.pools[0].closed
+
+
 def test_config_errors_are_raised_not_hidden():
     with pytest.raises(ConfigError, match="parallel_strategy"):
         Engine(T, Factory()).sample(spec(cuda(0, 1, 2, 3), ParallelStrategy.CFG), REQ, SD3, 24, True, "MODEL")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 from ..config import DeviceKind, DispatcherSpec, ParallelPlan
 from ..errors import WorkerError
 from ..executor.local import LocalExecutor
+from ..executor.ray_executor import WorkerInterrupted
 from . import planner
 from .pool import Timeouts, WorkerPool
 from .request import SampleRequest
@@ -160,8 +162,15 @@ class Engine:
         if pool.fast_link_group:
             plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group)
         t1 = time.perf_counter()
+        executor = getattr(pool, "executor", None)
+        if hasattr(executor, "abort_check"):
+            executor.abort_check = _comfy_interrupted  # ComfyUI's cancel stops the workers
         try:
             latent = pool.sample(dataclasses.replace(req, plan=plan), self.timeouts.sample_s)
+        except WorkerInterrupted:
+            self._drop(spec.pool_key())
+            _raise_comfy_interrupt()
+            raise
         except _POOL_ERRORS as e:
             self._drop(spec.pool_key())
             return self._fallback(req, fallback_patcher, f"parallel sampling failed: {e}", timings)
@@ -215,6 +224,19 @@ class Engine:
             executor.shutdown()
         timings["fallback_s"] = round(time.perf_counter() - t0, 3)
         return SampleOutcome(latent, plan, reason, timings)
+
+
+def _comfy_interrupted() -> bool:
+    """ComfyUI's cancel flag, when ComfyUI is loaded in this process."""
+    mm = sys.modules.get("comfy.model_management")
+    return bool(mm is not None and mm.processing_interrupted())
+
+
+def _raise_comfy_interrupt() -> None:
+    """Raise ComfyUI's own InterruptProcessingException (and clear the flag), as its sampler would."""
+    mm = sys.modules.get("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
 
 
 _engine: Engine | None = None

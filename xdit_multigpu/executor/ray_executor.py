@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..config import DeviceKind, DeviceSet
@@ -27,6 +28,10 @@ log = logging.getLogger("xdit_multigpu.executor")
 
 DEFAULT_WORKER = "xdit_multigpu.worker.worker.Worker"
 CPU_RANK_CPUS = 0.01  # CPU ranks book almost nothing so 4 ranks start on a 2-core box
+
+
+class WorkerInterrupted(WorkerError):
+    """The caller asked to stop (ComfyUI's cancel) while workers ran; they were killed."""
 
 
 def _resolve(worker_cls: str | type) -> type:
@@ -99,6 +104,8 @@ class RayExecutor(Executor):
         self.world_size = devices.world_size
         self._actors: list[Any] = []
         self._failure: str | None = None
+        # Polled about once a second while waiting (ComfyUI's cancel button); True kills the workers.
+        self.abort_check: Callable[[], bool] | None = None
         self.placement: list[dict[str, Any]] = []
         if self.world_size < 1:
             raise WorkerError("gpu_devices: no device to start a worker on")
@@ -132,7 +139,7 @@ class RayExecutor(Executor):
         env = {"PYTHONPATH": worker_pythonpath(self.cluster.comfy_root)}
         if self.cluster.comfy_root:
             env["COMFYUI_PATH"] = self.cluster.comfy_root
-        opts: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 2}
+        opts: dict[str, Any] = {"max_restarts": 0}
         if self.devices.kind is DeviceKind.CUDA:
             opts["num_gpus"] = 1
             if self.cluster.embedded:
@@ -215,6 +222,9 @@ class RayExecutor(Executor):
                 slow = sorted(rank_of[r] for r in pending)
                 self._fail(f"{method} timed out after {timeout:.0f} s on rank(s) {slow}")
                 raise WorkerTimeout(f"{method}: rank(s) {slow} did not answer within {timeout:.0f} s")
+            if self.abort_check is not None and self.abort_check():
+                self._fail(f"{method} was interrupted")
+                raise WorkerInterrupted(f"{method}: interrupted; the workers were stopped")
             ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0))
             for ref in ready:
                 rank = rank_of[ref]
