@@ -40,11 +40,6 @@ class ClusterInfo:
     node_ip: str  # this node's IP as Ray knows it (127.0.0.1 for an embedded cluster)
     comfy_root: str | None
 
-    @property
-    def torch_host(self) -> str:
-        """Host for torch.distributed rendezvous: loopback unless the cluster spans machines."""
-        return LOOPBACK if self.embedded else self.node_ip
-
 
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (``::ffff:127.0.0.1``, how gRPC reports it)."""
@@ -81,6 +76,7 @@ _lock = threading.Lock()
 _current: ClusterInfo | None = None
 _atexit_registered = False
 _owned = False  # True when this module called ray.init (so it may call ray.shutdown)
+_requested: str | None = None  # the address the user asked to join (None: embedded)
 
 
 def ensure_cluster(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> ClusterInfo:
@@ -99,8 +95,7 @@ def ensure_cluster(address: str | None = None, num_cpus: int | None = None, num_
         target = None
     with _lock:
         if _current is not None and ray.is_initialized():
-            wanted = None if _current.embedded else _current.address
-            if target is None or target == wanted:
+            if target is None or target in (_requested, _current.address):
                 return _current
             raise WorkerError(
                 f"ray_address: this ComfyUI already runs workers on Ray cluster {_current.address}; "
@@ -111,18 +106,21 @@ def ensure_cluster(address: str | None = None, num_cpus: int | None = None, num_
             # leave its shutdown to that pack.
             ctx = ray.get_runtime_context()
             _current = ClusterInfo(ctx.gcs_address, False, ray.util.get_node_ip_address(), comfy_root())
-            _set_owned(False)
+            _set_state(owned=False, requested=target)
             log.info("xDiT: reusing the Ray connection this process already has (%s)", _current.address)
+            if not is_loopback(_current.node_ip):
+                log.warning("xDiT: that Ray cluster was not started by xDiT and listens on %s, not loopback only",
+                            _current.node_ip)
         else:
             _current = _join(ray, target) if target else _start_embedded(ray, num_cpus, num_gpus)
-            _set_owned(True)
+            _set_state(owned=True, requested=target)
         _register_atexit()
         return _current
 
 
-def _set_owned(owned: bool) -> None:
-    global _owned
-    _owned = owned
+def _set_state(owned: bool, requested: str | None) -> None:
+    global _owned, _requested
+    _owned, _requested = owned, requested
 
 
 def _runtime_env(root: str | None) -> dict[str, Any]:

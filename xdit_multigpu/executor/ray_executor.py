@@ -22,7 +22,7 @@ from typing import Any
 from ..config import DeviceKind, DeviceSet
 from ..errors import WorkerError, WorkerTimeout
 from .base import DEFAULT_RPC_TIMEOUT_S, Executor
-from .cluster import ClusterInfo, worker_pythonpath
+from .cluster import LOOPBACK, ClusterInfo, worker_pythonpath
 
 log = logging.getLogger("xdit_multigpu.executor")
 
@@ -181,7 +181,9 @@ class RayExecutor(Executor):
         self, backend: str, timeout_s: float, comfy_root: str | None, cli_args: dict[str, Any] | None
     ) -> None:
         """Form the default process group: rank 0 picks a port, every rank joins concurrently."""
-        host = self.cluster.torch_host if self.fast_link_group is None else self.placement[0]["node_ip"]
+        # One machine: rendezvous on loopback, so torch's port is not reachable from the network either.
+        single_node = len({p["node_ip"] for p in self.placement}) == 1
+        host = LOOPBACK if single_node else self.placement[0]["node_ip"]
         port = self._gather([self._actors[0].free_port.remote(host)], "free_port", 30.0)[0]
         init_method = f"tcp://{host}:{port}"
         per_rank = [
