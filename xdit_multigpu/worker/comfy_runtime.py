@@ -86,7 +86,19 @@ def prepare_noise(patcher: Any, latent: dict[str, Any], seed: int, disable_noise
 
 
 def run_sampler(patcher: Any, req: SampleRequest, callback: Any = None, disable_pbar: bool = True) -> Any:
-    """``comfy.sample.sample`` with the request's settings (the call ``common_ksampler`` makes)."""
+    """``comfy.sample.sample`` with the request's settings (the call ``common_ksampler`` makes).
+
+    Runs under ``torch.inference_mode()`` as ComfyUI's executor runs every node: without it, autograd
+    would record every step (memory and time) in a worker process.
+    """
+    import comfy.sample
+    import torch
+
+    with torch.inference_mode():
+        return _sample(patcher, req, callback, disable_pbar)
+
+
+def _sample(patcher: Any, req: SampleRequest, callback: Any, disable_pbar: bool) -> Any:
     import comfy.sample
 
     return comfy.sample.sample(

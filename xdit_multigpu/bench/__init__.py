@@ -1,0 +1,1 @@
+"""GPU benchmarks (run on GPU machines): ``python -m xdit_multigpu.bench --help``."""

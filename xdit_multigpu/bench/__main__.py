@@ -1,0 +1,5 @@
+import sys
+
+from .flux_first import main
+
+sys.exit(main())
