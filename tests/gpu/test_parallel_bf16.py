@@ -41,7 +41,8 @@ def _reference(tiny, req):
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 @pytest.mark.parametrize("strategy", ["Hybrid", "USP"])
-def test_engine_matches_one_gpu(setup, family, strategy):
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_engine_matches_one_gpu(setup, family, strategy, cfg):
     import comfy.sample
     import torch
 
@@ -55,19 +56,21 @@ def test_engine_matches_one_gpu(setup, family, strategy):
     latent = empty_latent(tiny, 512, 512)["samples"]
     req = SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
                         positive=conditioning_for(tiny, seed=1), negative=conditioning_for(tiny, seed=2), seed=5,
-                        steps=4, cfg=3.0, sampler_name="euler", scheduler="simple")
+                        steps=4, cfg=cfg, sampler_name="euler", scheduler="simple")
     ref, load = _reference(tiny, req)
+    again, _ = _reference(tiny, req)
+    print(f"{family} cfg {cfg}: 1-GPU reference repeat rel_l2 {float((again - ref).norm() / ref.norm()):.2e}")
     engine = get_engine()
     for n in (2, 4):
         if torch.cuda.device_count() < n:
             continue
         spec = DispatcherSpec(load, DeviceSet.parse(",".join(map(str, range(n))), n), ParallelStrategy(strategy),
                               family=family)
-        out = engine.sample(spec, req, lookup(tiny.config_class), tiny.heads, True, None)
+        out = engine.sample(spec, req, lookup(tiny.config_class), tiny.heads, cfg != 1.0, None)
         assert out.fallback_reason is None
         got = out.latent.float()
         rel = float((got - ref).norm() / ref.norm())
-        print(f"{family} {strategy} {n} GPUs {out.plan.describe()}: rel_l2 {rel:.2e}, "
+        print(f"{family} cfg {cfg} {strategy} {n} GPUs {out.plan.describe()}: rel_l2 {rel:.2e}, "
               f"max_abs {float((got - ref).abs().max()):.3e}")
         assert rel <= REL_L2, (n, out.plan.describe(), rel)
     engine.release_all()
