@@ -192,6 +192,17 @@ def test_two_worker_ranks_form_gloo_group_and_all_reduce(cluster, comfy_root):
         assert ex.collective_rpc("all_reduce_sum", per_rank_args=[(1.5,), (2.0,)], timeout=30) == [3.5, 3.5]
         pings = ex.collective_rpc("ping", timeout=10)
         assert [p["rank"] for p in pings] == [0, 1]
+        # torch's own sockets (rendezvous store, gloo pairs) stay on loopback too.
+        from xdit_multigpu.executor.cluster import is_loopback
+
+        pids = set(ex.actor_pids())
+        listening = [
+            (c.laddr.ip, c.laddr.port, c.pid)
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids
+        ]
+        assert len(listening) >= 4, listening  # per rank: Ray core worker + gloo pair listener at least
+        assert [e for e in listening if not is_loopback(e[0])] == [], listening
     finally:
         ex.shutdown()
 

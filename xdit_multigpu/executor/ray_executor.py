@@ -14,7 +14,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 from ..config import DeviceKind, DeviceSet
 from ..errors import WorkerError, WorkerTimeout
 from .base import DEFAULT_RPC_TIMEOUT_S, Executor
-from .cluster import LOOPBACK, ClusterInfo, worker_pythonpath
+from .cluster import ClusterInfo, worker_pythonpath
 
 log = logging.getLogger("xdit_multigpu.executor")
 
@@ -63,6 +66,10 @@ class RayWorkerWrapper:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.bind((host, 0))
             return int(s.getsockname()[1])
+
+    def rendezvous_file(self) -> str:
+        """A fresh path for torch's FileStore in a private (0700) directory on this node (rank 0 only)."""
+        return os.path.join(tempfile.mkdtemp(prefix="xdit_pg_"), "store")
 
     def execute(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._worker is None:
@@ -107,6 +114,7 @@ class RayExecutor(Executor):
         # Polled about once a second while waiting (ComfyUI's cancel button); True kills the workers.
         self.abort_check: Callable[[], bool] | None = None
         self.placement: list[dict[str, Any]] = []
+        self._rendezvous_dir: str | None = None
         if self.world_size < 1:
             raise WorkerError("gpu_devices: no device to start a worker on")
         self._check_resources()
@@ -150,6 +158,10 @@ class RayExecutor(Executor):
             opts["num_cpus"] = CPU_RANK_CPUS
             # Torch would start one OpenMP thread per core in every rank; the worker sets its share later.
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world_size))
+        if self.cluster.embedded and sys.platform.startswith("linux"):
+            # gloo / NCCL bootstrap sockets otherwise bind the interface the hostname resolves to.
+            env.setdefault("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+            env.setdefault("NCCL_SOCKET_IFNAME", os.environ.get("NCCL_SOCKET_IFNAME", "lo"))
         opts["runtime_env"] = {"env_vars": env}
         cls = self._ray.remote(RayWorkerWrapper)
         return cls.options(**opts).remote(worker_cls)
@@ -169,6 +181,10 @@ class RayExecutor(Executor):
         self.placement = [infos[i] for i in order]
 
     @property
+    def single_node(self) -> bool:
+        return len({p["node_ip"] for p in self.placement}) <= 1
+
+    @property
     def fast_link_group(self) -> int | None:
         """Ranks per node when the pool spans several nodes with equal counts, else None."""
         per_node: dict[str, int] = {}
@@ -180,12 +196,20 @@ class RayExecutor(Executor):
     def init_process_group(
         self, backend: str, timeout_s: float, comfy_root: str | None, cli_args: dict[str, Any] | None
     ) -> None:
-        """Form the default process group: rank 0 picks a port, every rank joins concurrently."""
-        # One machine: rendezvous on loopback, so torch's port is not reachable from the network either.
-        single_node = len({p["node_ip"] for p in self.placement}) == 1
-        host = LOOPBACK if single_node else self.placement[0]["node_ip"]
-        port = self._gather([self._actors[0].free_port.remote(host)], "free_port", 30.0)[0]
-        init_method = f"tcp://{host}:{port}"
+        """Form the default process group; every rank joins concurrently.
+
+        One machine: a FileStore in a private temp dir, because torch's TCPStore server listens on all
+        interfaces whatever host it is given (seen: ``::``), which would open a port to the network.
+        Several machines: rank 0 picks a free port on its node IP (TCPStore; the cluster's network).
+        """
+        if self.single_node:
+            path = self._gather([self._actors[0].rendezvous_file.remote()], "rendezvous_file", 30.0)[0]
+            self._rendezvous_dir = os.path.dirname(path)
+            init_method = f"file://{path}"
+        else:
+            host = self.placement[0]["node_ip"]
+            port = self._gather([self._actors[0].free_port.remote(host)], "free_port", 30.0)[0]
+            init_method = f"tcp://{host}:{port}"
         per_rank = [
             (r, self.world_size, init_method, backend, timeout_s, comfy_root, cli_args) for r in range(self.world_size)
         ]
@@ -259,6 +283,9 @@ class RayExecutor(Executor):
 
     def _kill_all(self) -> None:
         actors, self._actors = self._actors, []
+        if self._rendezvous_dir and self.cluster.embedded:  # same machine: remove the FileStore's temp dir
+            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+            self._rendezvous_dir = None
         if not self._ray.is_initialized():
             return  # Ray (and with it every actor) is already gone, e.g. at interpreter exit
         for a in actors:
