@@ -119,6 +119,66 @@ def test_dead_ray_address_fails_fast_instead_of_hanging():
     assert float(took) < 10
 
 
+def test_workers_die_with_a_killed_comfyui():
+    """SIGKILL of the driver (no atexit): GCS, raylet and the worker actors exit within seconds.
+
+    Ray's two agents (no GPU, loopback only) notice about a minute later; seen: 62 s. The test stops
+    them itself, by pid, so nothing it started outlives it.
+    """
+    import signal
+    import time
+
+    import psutil
+
+    code = textwrap.dedent(
+        """
+        import os, sys, time, psutil
+        import ray.cloudpickle
+        from xdit_multigpu.config import DeviceKind, DeviceSet
+        from xdit_multigpu.executor.cluster import ensure_cluster
+        from xdit_multigpu.executor.ray_executor import RayExecutor
+        class W:
+            def ping(self): return os.getpid()
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        ex = RayExecutor(DeviceSet(DeviceKind.CPU, (0, 1), "cpu:2"), ensure_cluster(), worker_cls=W, start_timeout=60)
+        kids = psutil.Process().children(recursive=True)
+        print("PIDS", " ".join(f"{p.pid}:{p.name()}" for p in kids), flush=True)
+        time.sleep(120)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = next((ln for ln in proc.stdout if ln.startswith("PIDS")), "")
+        kids = {int(p): n for p, _, n in (x.partition(":") for x in line.split()[1:])}
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert any("RayWorkerWrapper" in n for n in kids.values()), kids
+    must_die = {p: n for p, n in kids.items() if "Agent" not in n}
+
+    def running(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def alive(pids):
+        return [p for p in pids if running(p)]
+
+    deadline = time.monotonic() + 15
+    while alive(must_die) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    left = alive(must_die)
+    for pid in alive(kids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # exited between the check and the kill
+    assert left == [], [(p, kids[p]) for p in left]
+
+
 def test_shutdown_cluster_is_idempotent_and_ray_can_start_again(comfy_root):
     from xdit_multigpu.executor import cluster as c
 

@@ -210,8 +210,15 @@ def test_two_worker_ranks_form_gloo_group_and_all_reduce(cluster, comfy_root):
 def _wait_dead(pids, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in pids if _running(p)]
         if not alive:
             return
         time.sleep(0.2)
     raise AssertionError(f"actor processes still alive after {timeout} s: {alive}")
+
+
+def _running(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
