@@ -229,6 +229,10 @@ class RayExecutor(Executor):
         if per_rank_args is not None and len(per_rank_args) != self.world_size:
             raise ValueError(f"per_rank_args has {len(per_rank_args)} entries for {self.world_size} ranks")
         kw = kwargs or {}
+        if per_rank_args is None and self.world_size > 1:
+            # Serialise a shared argument (a request with latents and conditioning) once, not once per rank;
+            # Ray resolves top-level ObjectRef arguments before the method runs.
+            args = tuple(self._ray.put(a) for a in args)
         refs = [
             a.execute.remote(method, *(per_rank_args[r] if per_rank_args is not None else args), **kw)
             for r, a in enumerate(self._actors)
