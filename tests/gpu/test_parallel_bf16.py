@@ -31,12 +31,22 @@ def setup(tmp_path_factory):
 
 
 def _reference(tiny, req):
+    """ComfyUI's sampler in this (the test) process on GPU 0."""
     from xdit_multigpu.config import LoaderKind, LoadSpec
     from xdit_multigpu.worker import comfy_runtime
 
     load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, tiny.path, unet_config_json=tiny.unet_config_json)
     patcher = comfy_runtime.load_diffusion_model(load)
     return comfy_runtime.run_sampler(patcher, req).float().cpu(), load
+
+
+def _one_gpu_worker(load, family, req):
+    """ComfyUI's sampler in a one-rank worker pool on GPU 0: the same kind of process as every parallel rank."""
+    from xdit_multigpu.config import DeviceSet, DispatcherSpec
+    from xdit_multigpu.engine.engine import get_engine
+
+    pool = get_engine().pool(DispatcherSpec(load, DeviceSet.parse("0", 1), family=family))
+    return pool.sample(req, timeout=300).float()
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -57,9 +67,10 @@ def test_engine_matches_one_gpu(setup, family, strategy, cfg):
     req = SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
                         positive=conditioning_for(tiny, seed=1), negative=conditioning_for(tiny, seed=2), seed=5,
                         steps=4, cfg=cfg, sampler_name="euler", scheduler="simple")
-    ref, load = _reference(tiny, req)
-    again, _ = _reference(tiny, req)
-    print(f"{family} cfg {cfg}: 1-GPU reference repeat rel_l2 {float((again - ref).norm() / ref.norm()):.2e}")
+    from xdit_multigpu.config import LoaderKind, LoadSpec
+
+    load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, tiny.path, unet_config_json=tiny.unet_config_json)
+    ref = _one_gpu_worker(load, family, req)
     engine = get_engine()
     for n in (2, 4):
         if torch.cuda.device_count() < n:
@@ -74,3 +85,36 @@ def test_engine_matches_one_gpu(setup, family, strategy, cfg):
               f"max_abs {float((got - ref).abs().max()):.3e}")
         assert rel <= REL_L2, (n, out.plan.describe(), rel)
     engine.release_all()
+
+
+PROCESS_STATE = pytest.mark.xfail(
+    reason="open defect (docs/benchmarks.md): on H100 a worker process and the test process give different "
+    "bf16 results for the same one-GPU sampling (tiny Flux rel L2 0.2, tiny SD3 5e-4); not parallelism",
+    strict=False,
+)
+
+
+@PROCESS_STATE
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_one_rank_pool_equals_in_process(setup, family):
+    """The worker path itself (Ray actor, its own process, no parallelism) must reproduce the in-process
+    sampler on the same GPU exactly: any difference here is process state, not parallelism."""
+    import comfy.sample
+
+    from xdit_multigpu.config import DeviceSet, DispatcherSpec, ParallelPlan
+    from xdit_multigpu.engine.engine import get_engine
+    from xdit_multigpu.engine.request import SampleRequest
+    from xdit_multigpu.testing.tiny_models import conditioning_for, empty_latent
+
+    tiny = setup[family]
+    latent = empty_latent(tiny, 512, 512)["samples"]
+    req = SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
+                        positive=conditioning_for(tiny, seed=1), negative=conditioning_for(tiny, seed=2), seed=5,
+                        steps=4, cfg=1.0, sampler_name="euler", scheduler="simple")
+    ref, load = _reference(tiny, req)
+    pool = get_engine().pool(DispatcherSpec(load, DeviceSet.parse("0", 1), family=family))
+    got = pool.sample(req, timeout=300).float()
+    rel = float((got - ref).norm() / ref.norm())
+    print(f"{family}: 1-rank pool vs in-process rel_l2 {rel:.2e}")
+    get_engine().release_all()
+    assert rel <= 1e-6, rel

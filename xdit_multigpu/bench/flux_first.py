@@ -87,12 +87,13 @@ def engine_runs(args: argparse.Namespace, n: int) -> dict[str, Any]:
     engine = get_engine()
     model_spec = lookup("Flux")
     out: dict[str, Any] = {"sizes": {}}
+    fallback = _host_model(args, out) if n == max(args.gpus) else None
 
     def run(steps: int, size: int, seed: int) -> Any:
         latent = torch.zeros(1, 16, size // 8, size // 8)
         req = SampleRequest(noise=comfy.sample.prepare_noise(latent, seed), latent_image=latent, positive=pos,
                             negative=neg, seed=seed, steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple")
-        res = engine.sample(spec, req, model_spec, FLUX_DEV["num_heads"], False, None)
+        res = engine.sample(spec, req, model_spec, FLUX_DEV["num_heads"], False, fallback)
         if res.fallback_reason:
             raise RuntimeError(f"engine fell back: {res.fallback_reason}")
         out["plan"] = res.plan.describe()
@@ -114,6 +115,22 @@ def engine_runs(args: argparse.Namespace, n: int) -> dict[str, Any]:
         }
     engine.release_all()
     return out
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _host_model(args: argparse.Namespace, out: dict[str, Any]) -> Any:
+    """The MODEL as ComfyUI's process holds it (stock loader, CPU): what it costs in RAM."""
+    import comfy.sd
+
+    before = _rss_gb()
+    patcher = comfy.sd.load_diffusion_model(args.model_file)
+    out["host_rss_model_gb"] = round(_rss_gb() - before, 1)
+    out["host_model_device"] = str(next(patcher.model.parameters()).device)
+    return patcher
 
 
 def main(argv: list[str] | None = None) -> int:

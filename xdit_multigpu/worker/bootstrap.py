@@ -24,8 +24,11 @@ def import_comfy(comfy_root: str, *, cpu: bool, cli_args: Mapping[str, Any] | No
     Idempotent; it must run before anything imports ``comfy.model_management``.
     """
     root = os.path.abspath(comfy_root)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    # First on sys.path: ComfyUI's nodes.py appends <root>/comfy, and a process spawned from one that
+    # imported it inherits that path, where a bare ``utils`` would be comfy/utils.py.
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
     from comfy.cli_args import args  # noqa: PLC0415  (ComfyUI's argparse defaults; sys.argv is ignored)
 
     for key, value in (cli_args or {}).items():
