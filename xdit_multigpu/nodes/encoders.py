@@ -41,12 +41,26 @@ def _validate_device(device: str) -> bool | str:
 def _te_model_options(device: Any) -> dict[str, Any]:
     """``model_options`` for comfy.sd.load_clip placing the encoder on ``device``."""
     import comfy.model_management as mm
-    import torch
 
     if device is None:
         return {}
+    # A GPU encoder is parked where ComfyUI parks text encoders; a CPU one stays on the CPU.
     offload = device if device.type == "cpu" else mm.text_encoder_offload_device()
-    return {"load_device": device, "offload_device": offload if isinstance(offload, torch.device) else device}
+    return {"load_device": device, "offload_device": offload}
+
+
+def _load_clip(names: list[str], clip_type_name: str, device: str) -> Any:
+    """The stock CLIPLoader / DualCLIPLoader call, with the encoder placed on ``device``."""
+    import comfy.sd
+    import folder_paths
+
+    clip_type = getattr(comfy.sd.CLIPType, clip_type_name.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
+    return comfy.sd.load_clip(
+        ckpt_paths=[folder_paths.get_full_path_or_raise("text_encoders", n) for n in names],
+        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        clip_type=clip_type,
+        model_options=_te_model_options(_device(device)),
+    )
 
 
 class XDiTVAELoader:
@@ -125,18 +139,7 @@ class XDiTCLIPLoader:
         return _validate_device(device)
 
     def load(self, clip_name: str, type: str, device: str) -> tuple[Any]:  # noqa: A002 (stock input name)
-        import comfy.sd
-        import folder_paths
-
-        clip_type = getattr(comfy.sd.CLIPType, type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
-        path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
-        clip = comfy.sd.load_clip(
-            ckpt_paths=[path],
-            embedding_directory=folder_paths.get_folder_paths("embeddings"),
-            clip_type=clip_type,
-            model_options=_te_model_options(_device(device)),
-        )
-        return (clip,)
+        return (_load_clip([clip_name], type, device),)
 
 
 class XDiTDualCLIPLoader:
@@ -166,15 +169,4 @@ class XDiTDualCLIPLoader:
         return _validate_device(device)
 
     def load(self, clip_name1: str, clip_name2: str, type: str, device: str) -> tuple[Any]:  # noqa: A002
-        import comfy.sd
-        import folder_paths
-
-        clip_type = getattr(comfy.sd.CLIPType, type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
-        paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
-        clip = comfy.sd.load_clip(
-            ckpt_paths=paths,
-            embedding_directory=folder_paths.get_folder_paths("embeddings"),
-            clip_type=clip_type,
-            model_options=_te_model_options(_device(device)),
-        )
-        return (clip,)
+        return (_load_clip([clip_name1, clip_name2], type, device),)
