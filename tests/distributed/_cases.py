@@ -40,6 +40,22 @@ SD3_CONFIG = dict(in_channels=16, out_channels=16, patch_size=2, depth=4, input_
                   context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 256}},
                   num_patches=256, pos_embed_max_size=16, pos_embed_scaling_factor=None, qk_norm="rms",
                   x_block_self_attn_layers=[0, 1], register_length=1)
+# PixArt-Σ / -α (``PixArtMS``): 4 heads x 32, 2 blocks, caption width 64; sides >= 40 latent px keep
+# ``pe_interpolation = round(c_res / 64)`` >= 1; α: micro-conditions need hidden % 3 == 0.
+# ``pixart_kv``: KV compression (sr_ratio 2 in block 1), only built to check that SP refuses it.
+PIXART_CONFIG = dict(image_model="pixart_sigma", num_heads=4, patch_size=2, hidden_size=128, in_channels=4, depth=2,
+                     caption_channels=64, model_max_length=TEXT_LEN, micro_condition=False)
+PIXART_ALPHA_CONFIG = dict(PIXART_CONFIG, image_model="pixart_alpha", micro_condition=True, hidden_size=192, num_heads=6)
+PIXART_KV_CONFIG = dict(PIXART_CONFIG, kv_compress_config={"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [1]})
+# HunyuanDiT: 4 heads x 32, 4 blocks (long skips into blocks 3), CLIP / mT5 text both 64 wide.
+HYDIT_CONFIG = dict(image_model="hydit", depth=4, hidden_size=128, num_heads=4, in_channels=4, patch_size=2,
+                    text_states_dim=64, text_states_dim_t5=64, text_len=TEXT_LEN, text_len_t5=6)
+HYDIT_T5_LEN = 6
+LATENT_CHANNELS = {"flux": 16, "sd3": 16}  # everything else: 4
+# EPS / V models sample from sigma ~ 15: damp the output layer so final latents stay O(10) and an fp32
+# mismatch of a few ulps stays far below the 1e-4 tolerance (random weights otherwise give |x| ~ 1e3-1e4).
+OUTPUT_LAYER = {"sdxl": ("out.2", 0.3), "pixart": ("final_layer.linear", 0.1),
+                "pixart_alpha": ("final_layer.linear", 0.1), "hunyuan_dit": ("final_layer.linear", 0.3)}
 
 
 def _init_weights(module: Any, seed: int) -> None:
@@ -64,24 +80,55 @@ def build_model(name: str) -> Any:
     import comfy.supported_models
     import torch
 
-    if name == "flux":
-        mc = comfy.supported_models.Flux(dict(FLUX_CONFIG))
-    else:
-        mc = comfy.supported_models.SD3(dict(SD3_CONFIG))
+    from xdit_multigpu.testing.tiny_models import _SDXL_CONFIG
+
+    configs = {
+        "flux": (comfy.supported_models.Flux, FLUX_CONFIG), "sd3": (comfy.supported_models.SD3, SD3_CONFIG),
+        "sdxl": (comfy.supported_models.SDXL, _SDXL_CONFIG), "pixart": (comfy.supported_models.PixArtSigma, PIXART_CONFIG),
+        "pixart_alpha": (comfy.supported_models.PixArtAlpha, PIXART_ALPHA_CONFIG),
+        "pixart_kv": (comfy.supported_models.PixArtSigma, PIXART_KV_CONFIG),
+        "hunyuan_dit": (comfy.supported_models.HunyuanDiT, HYDIT_CONFIG),
+    }
+    cls, config = configs[name]
+    mc = cls(dict(config))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, "")
     _init_weights(model.diffusion_model, seed=7)
+    if name in OUTPUT_LAYER:
+        path, factor = OUTPUT_LAYER[name]
+        with torch.no_grad():
+            for p in model.diffusion_model.get_submodule(path).parameters():
+                p.mul_(factor)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
-def conds(name: str, neg_text: bool = False) -> tuple[list[Any], list[Any]]:
+def _cond(name: str, gen: Any, text_len: int, size: int) -> list[Any]:
+    """One ComfyUI conditioning entry ``[context, extras]`` for the tiny ``name`` model."""
+    import torch
+
+    if name == "sdxl":
+        px = size * 8
+        extras = dict(pooled_output=torch.randn(1, 1280, generator=gen), width=px, height=px, crop_w=0, crop_h=0,
+                      target_width=px, target_height=px)
+        return [torch.randn(1, text_len, 2048, generator=gen), extras]
+    context = torch.randn(1, text_len, 64, generator=gen)
+    if name.startswith("pixart"):
+        return [context, {}]
+    if name == "hunyuan_dit":  # fixed lengths: CLIP text_len and mT5 text_len_t5
+        return [context, dict(attention_mask=torch.ones(1, text_len, dtype=torch.int64),
+                              conditioning_mt5xl=torch.randn(1, HYDIT_T5_LEN, 64, generator=gen),
+                              attention_mask_mt5xl=torch.ones(1, HYDIT_T5_LEN, dtype=torch.int64),
+                              width=size * 8, height=size * 8)]
+    extra = {"guidance": 3.5} if name == "flux" else {}
+    return [context, {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]
+
+
+def conds(name: str, neg_text: bool = False, size: int = 16) -> tuple[list[Any], list[Any]]:
     import torch
 
     gen = torch.Generator().manual_seed(3)
-    extra = {"guidance": 3.5} if name == "flux" else {}
-    pos = [[torch.randn(1, TEXT_LEN, 64, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]]
-    neg_len = TEXT_LEN - 3 if neg_text else TEXT_LEN
-    neg = [[torch.randn(1, neg_len, 64, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen), **extra}]]
+    pos = [_cond(name, gen, TEXT_LEN, size)]
+    neg = [_cond(name, gen, TEXT_LEN - 3 if neg_text else TEXT_LEN, size)]
     return pos, neg
 
 
@@ -100,10 +147,11 @@ def sample(patcher: Any, name: str, case: Case) -> Any:
     import comfy.sample
     import torch
 
-    latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, case.size, case.size))
+    channels = LATENT_CHANNELS.get(name, 4)
+    latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, channels, case.size, case.size))
     seed = 42
     noise = comfy.sample.prepare_noise(latent, seed)
-    pos, neg = conds(name, case.variant == "neg_text")
+    pos, neg = conds(name, case.variant == "neg_text", case.size)
     if case.variant == "mask":
         mask = flux_mask(case)
         extra = {"attention_mask": mask, "attention_mask_img_shape": (case.size // 2, case.size // 2)}
