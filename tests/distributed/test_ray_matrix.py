@@ -88,3 +88,23 @@ def test_every_plan_sampler_and_denoise_matches_one_device(models, engine, famil
                     failures.append(f"{plan.describe()} {sampler} denoise {denoise}: {diff:.3e}")
     assert not failures, failures
     engine.release_all(stop_ray=False)
+
+
+EIGHT = (ParallelPlan(ring=8), ParallelPlan(ulysses=4, ring=2), ParallelPlan(cfg=2, ulysses=4),
+         ParallelPlan(cfg=2, ulysses=2, ring=2))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_eight_ranks(models, engine, family):
+    """8 CPU ranks (the 8-GPU layouts the planner produces), one sampler: parallel == one device."""
+    from xdit_multigpu.worker import comfy_runtime
+
+    tiny, load, patcher = models[family]
+    spec = DispatcherSpec(load, DeviceSet(DeviceKind.CPU, tuple(range(8)), "cpu:8"), family=family)
+    pool = engine.pool(spec)
+    req = _request(tiny, patcher, "dpmpp_2m", 1.0)
+    ref = comfy_runtime.run_sampler(patcher, req)
+    diffs = {plan.describe(): float((pool.sample(dataclasses.replace(req, plan=plan), timeout=300) - ref).abs().max())
+             for plan in EIGHT}
+    engine.release_all(stop_ray=False)
+    assert all(d <= TOL for d in diffs.values()), diffs
