@@ -192,7 +192,7 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
             groups = ParallelGroups.build(plan, rank, world, timeout_s=60)
         patched = parallelize(base, spec, plan, groups)
         if case.variant == "no_override":  # negative control: local-only attention must be caught
-            patched.model_options["transformer_options"].pop(OVERRIDE_KEY)
+            drop_sequence_attention(patched)
         t0 = time.perf_counter()
         out["parallel"].append(sample(patched, name, case).numpy())
         out["times"].append(time.perf_counter() - t0)
@@ -201,9 +201,33 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     dist.barrier()
     to = base.model_options.get("transformer_options", {})
     out["base_untouched"] = (OVERRIDE_KEY not in to and not to.get("patches") and not to.get("patches_replace")
-                             and not any(base.wrappers.values()))
+                             and not any(base.wrappers.values()) and not base.object_patches)
     if rank == 0:
         for case in cases:
             if case.reference_key not in out["reference"]:
                 out["reference"][case.reference_key] = sample(base, name, case).numpy()
+        out["methods_restored"] = methods_restored(base.model)  # the references ran on unpatched modules
     return out
+
+
+def drop_sequence_attention(patcher: Any) -> None:
+    """Negative control: keep the sharding, remove the distributed attention (override or object patch)."""
+    from xdit_multigpu.parallel.hooks import OVERRIDE_KEY
+
+    to = patcher.model_options["transformer_options"]
+    if OVERRIDE_KEY in to:
+        to.pop(OVERRIDE_KEY)
+        return
+    keys = [k for k in patcher.object_patches if k.endswith((".attn.forward", ".attn1.forward"))]
+    assert keys, "no sequence-parallel attention to drop"
+    for k in keys:
+        patcher.object_patches.pop(k)
+
+
+def methods_restored(model: Any) -> bool:
+    """No module still carries one of our bound-method object patches as an instance attribute."""
+    for module in model.modules():
+        inst = module.__dict__.get("forward")
+        if inst is not None and getattr(inst, "__func__", None) is not type(module).forward:
+            return False
+    return True

@@ -7,7 +7,7 @@ registry imports neither ComfyUI nor the family modules' hook code.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .registry import Axis, ModelSpec, register
@@ -37,6 +37,15 @@ def _num_heads(cfg: Mapping[str, Any]) -> int:
 def _mmdit_heads(cfg: Mapping[str, Any]) -> int:
     # MMDiT: hidden = 64 * depth and heads = depth (SD3.5-Large: 38), see ComfyUI model_detection.
     return int(cfg.get("num_heads") or cfg.get("depth", 0))
+
+
+def _heads_or(default: int) -> Callable[[Mapping[str, Any]], int]:
+    """Heads from the unet_config, else the model class's default (detection leaves it implicit)."""
+
+    def heads(cfg: Mapping[str, Any]) -> int:
+        return int(cfg.get("num_heads") or default)
+
+    return heads
 
 
 def _unet_heads(cfg: Mapping[str, Any]) -> int:
@@ -85,10 +94,11 @@ PIXART = register(
         name="pixart",
         display="PixArt-α / PixArt-Σ",
         config_classes=("PixArtAlpha", "PixArtSigma"),
-        axes=_CFG_ONLY,
-        heads=_num_heads,
-        hook="CALC_COND_BATCH wrapper",
-        notes="sequence parallelism arrives with the model-coverage work (bound-method attention patches)",
+        axes=_SP,
+        heads=_heads_or(16),  # PixArtMS default; detection sets 16 (hidden 1152)
+        hook="bound-method object patches: blocks.0 / last block forward (shard / gather) + blocks.i.attn forward",
+        sequence_parallel=LazyInstaller("xdit_multigpu.models.pixart", "install_sequence_parallel"),
+        notes="KV compression (sr_ratio > 1) is refused for sequence parallel; CFG parallel works",
     )
 )
 
@@ -97,9 +107,9 @@ HUNYUAN_DIT = register(
         name="hunyuan_dit",
         display="HunyuanDiT",
         config_classes=("HunyuanDiT", "HunyuanDiT1"),
-        axes=_CFG_ONLY,
-        heads=_num_heads,
-        hook="CALC_COND_BATCH wrapper",
-        notes="sequence parallelism arrives with the model-coverage work (bound-method attention patches)",
+        axes=_SP,
+        heads=_heads_or(16),  # HunYuanDiT default; detection leaves num_heads out
+        hook="dit double_block replace on every block (shard / slice RoPE / gather) + blocks.i.attn1 object patch",
+        sequence_parallel=LazyInstaller("xdit_multigpu.models.hunyuan_dit", "install_sequence_parallel"),
     )
 )

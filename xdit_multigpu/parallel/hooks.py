@@ -7,6 +7,7 @@ functions as they are but would copy a bound method's instance (process groups i
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -54,3 +55,26 @@ def replace_block(patcher: Any, block_name: str, index: int, fn: Callable[[Block
         return fn(args, run_block)
 
     patcher.set_model_patch_replace(patch, "dit", block_name, index)
+
+
+def patch_method(patcher: Any, module_path: str, fn: Callable[..., Any], method: str = "forward") -> None:
+    """Object-patch ``<module_path>.<method>`` of ``patcher.model`` with ``fn(module, original, *args, **kw)``.
+
+    For models whose forward passes no ``transformer_options`` (so neither the attention override nor a
+    block replace reaches them). Installed through ComfyUI's ``ModelPatcher.add_object_patch`` as a
+    method bound to the module: ``patch_model`` sets it as an instance attribute and ``unpatch_model``
+    restores the original, the module's parameters (and so the state-dict keys that LoRA and weight
+    patches target) stay as they are. ``original`` is an object patch already in the slot, else the
+    class's own method bound to the module (never the instance attribute, which may be ours).
+    ``object_patches`` is copied shallowly by ``clone`` (unlike ``model_options``), so binding the
+    module is safe; ``fn`` itself should be a closure holding no per-call state.
+    """
+    key = f"{module_path}.{method}"
+    module = patcher.model.get_submodule(module_path)
+    prev = patcher.object_patches.get(key)
+    original = prev if prev is not None else getattr(type(module), method).__get__(module)
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(self, original, *args, **kwargs)
+
+    patcher.add_object_patch(key, types.MethodType(patched, module))

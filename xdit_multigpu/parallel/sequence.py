@@ -89,6 +89,32 @@ def state_of(transformer_options: MutableMapping[str, Any] | None) -> SequenceSt
     return state if isinstance(state, SequenceState) else None
 
 
+class ForwardSlot:
+    """The sequence state of the forward in flight, for hooks that receive no ``transformer_options``
+    (object patches on models such as PixArt, block replaces whose args carry no options).
+
+    ``begin`` opens a private options dict holding a fresh ``SequenceState`` (pass ``options`` as the
+    attention override's ``transformer_options``); ``end`` closes it. One ModelPatcher samples one thing
+    at a time in a worker, so one slot per installed patcher suffices. A forward that raised leaves the
+    slot open; the next ``begin`` replaces it.
+    """
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] | None = None
+
+    def begin(self, ctx: SequenceParallel, text_len: int = 0) -> SequenceState:
+        self.options = {}
+        return ctx.begin(self.options, text_len=text_len)
+
+    def active(self) -> SequenceState | None:
+        """The state while the image stream is sharded, else None (hooks then run unchanged)."""
+        state = state_of(self.options)
+        return state if state is not None and state.active else None
+
+    def end(self) -> None:
+        self.options = None
+
+
 class SequenceParallel:
     """The context a model installer receives: groups plus shard / gather helpers.
 
