@@ -23,6 +23,9 @@ NODES = {
 }
 
 
+TINY_LORA = "xdit_tiny_sd3_lora.safetensors"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from xdit_multigpu.testing.server import ComfyServer, prepare_base_dir
@@ -31,6 +34,9 @@ def server(tmp_path_factory):
     base = prepare_base_dir(REPO / ".host" / "test-server")
     tiny = write_tiny_models(str(base / "models"), families=["sd3", "clip_l", "vae16", "pixart_sigma"],
                              comfy_root=COMFYUI_PATH)
+    from xdit_multigpu.testing.tiny_lora import write_tiny_lora
+
+    write_tiny_lora(tiny["sd3"].path, str(base / "models" / "loras" / TINY_LORA))
     srv = ComfyServer(pathlib.Path(COMFYUI_PATH), base, extra_args=["--output-directory", str(base / "output")])
     srv.start()
     srv.tiny = tiny
@@ -126,3 +132,29 @@ def test_two_cpu_ranks_equal_stock_workflow(server, strategy):
     stock = server.run(stock_equivalent(prompt), timeout=300)
     a, b = _image(ours, server), _image(stock, server)
     assert a.shape == b.shape and np.abs(a - b).max() <= 1, np.abs(a - b).max()
+
+
+def test_stock_lora_loader_between_xdit_nodes_runs_parallel(server):
+    """Load UNet (xDiT) -> stock LoraLoaderModelOnly -> KSampler (xDiT) on cpu:2: parallel, stock image."""
+    from xdit_multigpu.testing.demo import node_text
+    from xdit_multigpu.testing.workflow import stock_equivalent
+
+    prompt = _sd3_prompt(server, "cpu:2")
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "XDiTUNetLoader")
+    sampler = next(i for i, n in prompt.items() if n["class_type"] == "XDiTKSampler")
+    prompt["lora"] = {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": [loader, 0], "lora_name": TINY_LORA, "strength_model": 0.8}}
+    prompt[sampler]["inputs"]["model"] = ["lora", 0]
+    prompt[loader]["inputs"]["parallel_strategy"] = "Hybrid"
+    ours = server.run(copy.deepcopy(prompt), timeout=600)
+    assert ours["status"]["status_str"] == "success", ours["status"]
+    status = node_text(ours, "XDiTKSampler", prompt)
+    assert "cfg 2 x ulysses 1 x ring 1" in status and "one device" not in status, status
+    stock = server.run(stock_equivalent(prompt), timeout=300)
+    assert stock["status"]["status_str"] == "success", stock["status"]
+    a, b = _image(ours, server), _image(stock, server)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1, np.abs(a - b).max()
+    no_lora = copy.deepcopy(stock_equivalent(prompt))
+    no_lora[sampler]["inputs"]["model"] = [loader, 0]
+    plain = server.run(no_lora, timeout=300)
+    assert np.abs(_image(plain, server) - b).max() > 1, "the LoRA did not change the stock image"

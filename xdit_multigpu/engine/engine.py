@@ -22,6 +22,7 @@ from ..errors import WorkerError
 from ..executor.local import LocalExecutor
 from ..executor.ray_executor import WorkerInterrupted
 from . import planner
+from .model_delta import ModelDelta
 from .pool import Timeouts, WorkerPool
 from .request import SampleRequest
 
@@ -193,9 +194,11 @@ class Engine:
         denoise: float = 1.0,
         *,
         cfg_active: bool,
+        delta: ModelDelta | None = None,
     ) -> SampleOutcome:
         """``KSampler`` arguments -> ``sample``: noise made here once (as ``common_ksampler`` does), so
-        every rank and the fallback start from the same tensor; ``model`` is also the fallback MODEL."""
+        every rank and the fallback start from the same tensor; ``model`` is also the fallback MODEL.
+        ``delta``: ``model``'s modifications (``model_delta.describe_model``), replayed by the workers."""
         from ..models import lookup_config
         from ..worker import comfy_runtime
 
@@ -203,7 +206,7 @@ class Engine:
         req = SampleRequest(
             noise=noise, latent_image=latent_image, positive=positive, negative=negative, seed=seed, steps=steps,
             cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
-            noise_mask=latent.get("noise_mask"),
+            noise_mask=latent.get("noise_mask"), delta=delta,
         )
         model_config = model.model.model_config
         model_spec = lookup_config(model_config)
@@ -219,7 +222,9 @@ class Engine:
         t0 = time.perf_counter()
         executor = LocalExecutor.for_patcher(patcher)
         try:
-            latent = executor.collective_rpc("sample", (dataclasses.replace(req, plan=plan),), timeout=self.timeouts.sample_s)[0]
+            # The host's MODEL already carries the modifications the delta describes.
+            one = dataclasses.replace(req, plan=plan, delta=None)
+            latent = executor.collective_rpc("sample", (one,), timeout=self.timeouts.sample_s)[0]
         finally:
             executor.shutdown()
         timings["fallback_s"] = round(time.perf_counter() - t0, 3)

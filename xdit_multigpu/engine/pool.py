@@ -6,6 +6,7 @@ used until its key changes or a call fails; then it is shut down (actors killed)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -73,6 +74,7 @@ class WorkerPool:
         self.facts = facts
         self.start_s = start_s
         self.fast_link_group: int | None = getattr(executor, "fast_link_group", None)
+        self.weights_key = ""  # the last model-delta weights sent; every worker holds them (sent once per change)
 
     @classmethod
     def start(cls, spec: DispatcherSpec, timeouts: Timeouts, worker_cls: str | type | None = None) -> WorkerPool:
@@ -105,8 +107,16 @@ class WorkerPool:
         return cls(spec.pool_key(), executor, facts, took)
 
     def sample(self, req: SampleRequest, timeout: float) -> Any:
-        """Rank 0's latent (CPU tensor). Raises ``WorkerError`` on any rank's failure."""
+        """Rank 0's latent (CPU tensor). Raises ``WorkerError`` on any rank's failure.
+
+        A delta's weight patches (LoRA tensors) are sent only when the workers do not hold them yet.
+        """
+        delta = req.delta
+        if delta is not None and delta.weights is not None and delta.weights_key == self.weights_key:
+            req = dataclasses.replace(req, delta=delta.without_weights())
         results = self.executor.collective_rpc("sample", (req,), timeout=timeout)
+        if delta is not None and delta.weights_key:
+            self.weights_key = delta.weights_key
         latent = results[0]
         if latent is None:
             raise WorkerError("sample: rank 0 returned no latent")

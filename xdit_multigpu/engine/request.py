@@ -1,15 +1,19 @@
 """Messages from the engine to the workers (control plane).
 
 Tensors inside a request (noise, latent, conditioning) are small next to the model, which every worker
-loads itself from the model file; the request is pickled once per call.
+loads itself from the model file; the request is pickled once per call. A model delta's weight patches
+(LoRA tensors) ride along only when the pool does not hold them yet (``WorkerPool.sample``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ParallelPlan
+
+if TYPE_CHECKING:
+    from .model_delta import ModelDelta
 
 
 @dataclass(frozen=True)
@@ -37,3 +41,6 @@ class SampleRequest:
     last_step: int | None = None
     force_full_denoise: bool = False
     plan: ParallelPlan = ParallelPlan()
+    # The MODEL's modifications (LoRA, ModelSampling, model_options...) for workers that loaded the plain
+    # file; None for an unmodified MODEL and for the in-process fallback (its MODEL already carries them).
+    delta: ModelDelta | None = None

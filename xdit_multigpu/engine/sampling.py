@@ -14,7 +14,8 @@ from typing import Any
 
 from ..config import DispatcherSpec
 from ..models import lookup_config
-from .registry import model_modifications, spec_of_model
+from .model_delta import DeltaDescription, describe_model
+from .registry import spec_of_model
 
 log = logging.getLogger("xdit_multigpu")
 
@@ -35,16 +36,20 @@ def stock_sample(model: Any, seed: int, steps: int, cfg: float, sampler_name: st
     return out
 
 
-def parallel_blocker(model: Any, spec: DispatcherSpec) -> str | None:
-    """Why this MODEL cannot go to the worker pool as it is, or None."""
+def parallel_blocker(model: Any, spec: DispatcherSpec, described: DeltaDescription | None = None) -> str | None:
+    """Why this MODEL cannot go to the worker pool as it is, or None.
+
+    ``described``: ``describe_model(model)``; its problems (modifications that cannot travel to the
+    workers) block the parallel path, each one named.
+    """
     if spec.devices.world_size <= 1:
         return f"one device requested ({spec.devices.describe()})" if spec.devices.ids else "no GPU is visible"
     loaded = spec_of_model(model)
     if loaded is None or loaded.load != spec.load:
         return "the MODEL input does not come from the xDiT loader that made this dispatcher"
-    mods = model_modifications(model)
-    if mods:
-        return "the MODEL carries modifications workers do not replicate yet: " + "; ".join(mods)
+    problems = (described or describe_model(model)).problems
+    if problems:
+        return "the MODEL carries modifications that cannot travel to the workers: " + "; ".join(problems)
     if lookup_config(model.model.model_config) is None:
         return f"{type(model.model.model_config).__name__} models are not supported on the parallel path"
     return None
@@ -54,12 +59,14 @@ def sample_latent(model: Any, spec: DispatcherSpec, seed: int, steps: int, cfg: 
                   scheduler: str, positive: Any, negative: Any, latent: dict[str, Any], denoise: float) -> SampleResult:
     """Sample ``latent`` with the dispatcher's devices, or on one device with the reason why."""
     args = (seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise)
-    blocker = parallel_blocker(model, spec)
+    described = describe_model(model) if spec.devices.world_size > 1 else DeltaDescription(None)
+    blocker = parallel_blocker(model, spec, described)
     if blocker is None:
         from .engine import get_engine
 
         t0 = time.perf_counter()
-        outcome = get_engine().sample_ksampler(spec, model, *args, cfg_active=not math.isclose(cfg, 1.0))
+        outcome = get_engine().sample_ksampler(spec, model, *args, cfg_active=not math.isclose(cfg, 1.0),
+                                               delta=described.delta)
         took = time.perf_counter() - t0
         out = latent.copy()
         out["samples"] = outcome.latent

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from ..config import LoadSpec, ParallelPlan
+from ..engine.model_delta import DeltaCache
 from ..engine.request import SampleRequest
 from . import comfy_runtime
 from .bootstrap import import_comfy
@@ -51,6 +52,8 @@ class Worker:
         self.patcher: Any = None
         self.spec: Any = None  # models.registry.ModelSpec of the loaded model, None if unsupported
         self._groups: dict[tuple[int, int, int], Any] = {}
+        self._deltas = DeltaCache()  # the loaded model with the request's modifications (LoRA, ...)
+        self._loaded_plain = False  # True when load_model loaded the plain file (deltas apply on top)
 
     @classmethod
     def from_patcher(cls, patcher: Any) -> Worker:
@@ -99,6 +102,7 @@ class Worker:
         self.free()
         self.patcher = comfy_runtime.load_diffusion_model(load)
         self.spec = _spec_of(self.patcher)
+        self._loaded_plain = True
         cfg = self.patcher.model.model_config
         heads = self.spec.heads(cfg.unet_config) if self.spec is not None else 0
         return {
@@ -122,13 +126,16 @@ class Worker:
         plan = req.plan
         if plan.world_size != self.world_size:
             raise ValueError(f"{plan.describe()} needs {plan.world_size} ranks but this pool has {self.world_size}")
-        patcher = self.patcher
+        if req.delta is not None and not self._loaded_plain:
+            raise ValueError("sample: a model delta was sent to a worker that wraps the host's MODEL, which already "
+                             "carries it; send delta=None")
+        patcher = self._deltas.patcher_for(self.patcher, req.delta)
         if plan.world_size > 1:
             from ..parallel.apply import parallelize
 
             if self.spec is None:
                 raise RuntimeError(f"{type(self.patcher.model.model_config).__name__} has no ModelSpec to parallelize")
-            patcher = parallelize(self.patcher, self.spec, plan, self._groups_for(plan))
+            patcher = parallelize(patcher, self.spec, plan, self._groups_for(plan))
         out = comfy_runtime.run_sampler(patcher, req)
         return out.cpu() if self.rank == 0 else None
 
@@ -157,6 +164,8 @@ class Worker:
         """Drop the model and cached groups (the process group stays; it dies with the actor)."""
         self.patcher = None
         self.spec = None
+        self._loaded_plain = False
+        self._deltas.clear()
         self._groups.clear()
         gc.collect()
         try:
