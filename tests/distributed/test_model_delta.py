@@ -58,13 +58,28 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.fixture(scope="module")
+def flux(sd3, tmp_path_factory):
+    """(tiny, LoadSpec, plain patcher, LoRA file name) for the tiny Flux (explicit config)."""
+    from xdit_multigpu.testing.tiny_lora import write_tiny_lora
+    from xdit_multigpu.testing.tiny_models import write_tiny_models
+    from xdit_multigpu.worker import comfy_runtime
+
+    root = tmp_path_factory.mktemp("flux")
+    tiny = write_tiny_models(str(root), ["flux"])["flux"]
+    lora_dir = os.path.dirname(os.path.dirname(sd3[0].path)) + "/loras"
+    write_tiny_lora(tiny.path, os.path.join(lora_dir, "xdit_tiny_flux_lora.safetensors"))
+    load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, tiny.path, unet_config_json=tiny.unet_config_json)
+    return tiny, load, comfy_runtime.load_diffusion_model(load), "xdit_tiny_flux_lora.safetensors"
+
+
 def _run(tiny, model, load, strategy=ParallelStrategy.HYBRID):
     """(xDiT KSampler result on cpu:2, stock one-device latent) for ``model``."""
     from xdit_multigpu.engine.registry import remember_model
     from xdit_multigpu.engine.sampling import sample_latent, stock_sample
     from xdit_multigpu.testing.tiny_models import conditioning_for, empty_latent
 
-    spec = DispatcherSpec(load=load, devices=CPU2, strategy=strategy, family="sd3")
+    spec = DispatcherSpec(load=load, devices=CPU2, strategy=strategy, family=tiny.family)
     remember_model(model, spec)
     pos, neg = conditioning_for(tiny, seed=1), conditioning_for(tiny, seed=2)
     latent = empty_latent(tiny, 128, 128)
@@ -93,6 +108,7 @@ def test_lora_from_stock_node_runs_parallel_and_matches_one_device(engine, sd3, 
     assert len(model.patches) > 0  # ComfyUI mapped the LoRA keys onto the SD3 weights
     ours, stock = _run(tiny, model, load, strategy)
     assert ours.parallel, ours.status
+    assert f"with {len(model.patches)} weight patch(es)" in ours.status, ours.status
     assert _max_diff(ours.latent["samples"], stock) <= TOL
     _, plain_stock = _run(tiny, plain, load, strategy)
     assert _max_diff(stock, plain_stock) > 1e-2, "the LoRA changed nothing: ComfyUI did not apply it"
@@ -131,6 +147,18 @@ def test_model_sampling_sd3_shift_matches_one_device(engine, sd3):
 
     tiny, load, plain, _ = sd3
     model = nma.ModelSamplingSD3().patch(plain, 9.0)[0]
+    ours, stock = _run(tiny, model, load, ParallelStrategy.USP)
+    assert ours.parallel, ours.status
+    assert _max_diff(ours.latent["samples"], stock) <= TOL
+    _, plain_stock = _run(tiny, plain, load, ParallelStrategy.USP)
+    assert _max_diff(stock, plain_stock) > 1e-3
+
+
+def test_flux_lora_and_model_sampling_flux_match_one_device(engine, flux):
+    import comfy_extras.nodes_model_advanced as nma
+
+    tiny, load, plain, lora_name = flux
+    model = nma.ModelSamplingFlux().patch(_lora(plain, lora_name), 1.5, 0.8, 128, 128)[0]
     ours, stock = _run(tiny, model, load, ParallelStrategy.USP)
     assert ours.parallel, ours.status
     assert _max_diff(ours.latent["samples"], stock) <= TOL
