@@ -31,7 +31,7 @@ class FakePool:
         self.closed = False
         self.plans = []
 
-    def sample(self, req, timeout):
+    def sample(self, req, timeout, on_progress=None):
         if self.fail_sample:
             raise self.fail_sample
         self.plans.append(req.plan)
@@ -65,7 +65,7 @@ class FakeWorker:
     def __init__(self, patcher):
         self.patcher = patcher
 
-    def sample(self, req):
+    def sample(self, req, progress=None):
         return ("local", self.patcher, req.plan.world_size)
 
 
@@ -184,7 +184,7 @@ def test_release_all_waits_for_a_running_job_then_stops_pools(monkeypatch):
     pool = f.pools[0]
     started, finish = threading.Event(), threading.Event()
 
-    def slow_sample(req, timeout):
+    def slow_sample(req, timeout, on_progress=None):
         started.set()
         finish.wait(5)
         return "done"
@@ -200,7 +200,7 @@ def test_release_all_waits_for_a_running_job_then_stops_pools(monkeypatch):
     job.join(5)
     # A stuck job does not block release beyond wait_s.
     eng.sample(spec(cuda(0, 1)), REQ, SD3, 24, True, "M")
-    f.pools[-1].sample = lambda req, timeout: time.sleep(2)
+    f.pools[-1].sample = lambda req, timeout, on_progress=None: time.sleep(2)
     job = threading.Thread(target=eng.sample, args=(spec(cuda(0, 1)), REQ, SD3, 24, True, "M"))
     job.start()
     time.sleep(0.2)

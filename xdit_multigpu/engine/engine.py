@@ -9,6 +9,7 @@ on the host's own MODEL with ComfyUI's sampler, returning the reason so the node
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 
 from ..config import DeviceKind, DispatcherSpec, ParallelPlan
 from ..errors import WorkerError
+from ..executor.base import ProgressHook
 from ..executor.local import LocalExecutor
 from ..executor.ray_executor import WorkerInterrupted
 from . import planner
@@ -125,31 +127,38 @@ class Engine:
         heads: int,
         cfg_active: bool,
         fallback_patcher: Any,
+        progress: ProgressHook | None = None,
     ) -> SampleOutcome:
         """Sample ``req`` over ``spec.devices``; on any worker failure, on ``fallback_patcher`` with a reason.
 
         ``ConfigError`` (e.g. CFG strategy on 4 devices) is raised, not hidden by the fallback: the user
         must change a widget. ``req.plan`` is ignored and replaced by the planner's. Holds the run lock
         so that ``release_all`` waits (bounded) for the job instead of killing it.
+        ``progress``: where rank 0's steps go; None: ComfyUI's progress bar and previews, when ComfyUI
+        is loaded in this process (``comfy_progress``).
         """
+        if progress is None:
+            progress = comfy_progress(fallback_patcher, req.steps)
         with self._run_lock:
-            return self._sample(spec, req, model_spec, heads, cfg_active, fallback_patcher)
+            return self._sample(spec, req, model_spec, heads, cfg_active, fallback_patcher, progress)
 
     def _sample(
-        self, spec: DispatcherSpec, req: SampleRequest, model_spec: Any, heads: int, cfg_active: bool, fallback_patcher: Any
+        self, spec: DispatcherSpec, req: SampleRequest, model_spec: Any, heads: int, cfg_active: bool,
+        fallback_patcher: Any, progress: ProgressHook | None = None,
     ) -> SampleOutcome:
         timings: dict[str, float] = {}
+        fallback = functools.partial(self._fallback, req, fallback_patcher, timings=timings, progress=progress)
         world = spec.devices.world_size
         axes = model_spec.axes if model_spec is not None else frozenset()
         plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes)
         if world == 0:
-            return self._fallback(req, fallback_patcher, "no GPU is visible (gpu_devices is \"all\")", timings)
+            return fallback("no GPU is visible (gpu_devices is \"all\")")
         if model_spec is None:
-            return self._fallback(req, fallback_patcher, "this model has no parallel support", timings)
+            return fallback("this model has no parallel support")
         try:
             import ray  # noqa: F401, PLC0415
         except ImportError:
-            return self._fallback(req, fallback_patcher, "Ray is not installed (pip install ray)", timings)
+            return fallback("Ray is not installed (pip install ray)")
         if plan.world_size < world:
             # e.g. a CFG-only model on 4 GPUs: start only the ranks the plan uses, leave the rest free.
             spec = dataclasses.replace(spec, devices=dataclasses.replace(spec.devices, ids=spec.devices.ids[: plan.world_size]))
@@ -158,7 +167,7 @@ class Engine:
         try:
             pool = self.pool(spec)
         except _POOL_ERRORS as e:
-            return self._fallback(req, fallback_patcher, f"workers did not start: {e}", timings)
+            return fallback(f"workers did not start: {e}")
         timings["pool_s"] = round(time.perf_counter() - t0, 3)
         if pool.fast_link_group:
             plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group)
@@ -167,14 +176,17 @@ class Engine:
         if hasattr(executor, "abort_check"):
             executor.abort_check = _comfy_interrupted  # ComfyUI's cancel stops the workers
         try:
-            latent = pool.sample(dataclasses.replace(req, plan=plan), self.timeouts.sample_s)
+            latent = pool.sample(dataclasses.replace(req, plan=plan), self.timeouts.sample_s, on_progress=progress)
         except WorkerInterrupted:
             self._drop(spec.pool_key())
             _raise_comfy_interrupt()
             raise
         except _POOL_ERRORS as e:
             self._drop(spec.pool_key())
-            return self._fallback(req, fallback_patcher, f"parallel sampling failed: {e}", timings)
+            return fallback(f"parallel sampling failed: {e}")
+        except BaseException:
+            self._drop(spec.pool_key())  # e.g. ComfyUI's interrupt raised by the progress bar: workers are gone
+            raise
         timings["sample_s"] = round(time.perf_counter() - t1, 3)
         log.info("xDiT: %s (%s) in %.1f s", plan.describe(), plan.reason, timings["sample_s"])
         return SampleOutcome(latent, plan, None, timings)
@@ -213,7 +225,8 @@ class Engine:
         heads = model_spec.heads(model_config.unet_config) if model_spec is not None else 0
         return self.sample(spec, req, model_spec, heads, cfg_active, model)
 
-    def _fallback(self, req: SampleRequest, patcher: Any, reason: str, timings: dict[str, float]) -> SampleOutcome:
+    def _fallback(self, req: SampleRequest, patcher: Any, reason: str, timings: dict[str, float],
+                  progress: ProgressHook | None = None) -> SampleOutcome:
         """The same request on the host's MODEL, in-process, with ComfyUI's sampler."""
         log.warning("xDiT: sampling on one device: %s", reason)
         if patcher is None:
@@ -224,11 +237,53 @@ class Engine:
         try:
             # The host's MODEL already carries the modifications the delta describes.
             one = dataclasses.replace(req, plan=plan, delta=None)
-            latent = executor.collective_rpc("sample", (one,), timeout=self.timeouts.sample_s)[0]
+            latent = executor.collective_rpc("sample", (one,), timeout=self.timeouts.sample_s, on_progress=progress)[0]
         finally:
             executor.shutdown()
         timings["fallback_s"] = round(time.perf_counter() - t0, 3)
         return SampleOutcome(latent, plan, reason, timings)
+
+
+PREVIEW_INTERVAL_S = 0.5  # at most 2 previews a second from the workers
+
+
+def comfy_progress(patcher: Any, steps: int) -> ProgressHook | None:
+    """ComfyUI's progress bar (and, when a preview method is on, its previewer) for rank 0's steps.
+
+    What ``latent_preview.prepare_callback`` does for the stock KSampler, in this process: the bar's
+    hook (the server) sends ``progress`` for the executing node, and the previewer turns rank 0's small
+    x0 latent into the binary preview frame. None when ComfyUI is not loaded here.
+    """
+    if "comfy.utils" not in sys.modules:
+        return None
+    import comfy.utils  # noqa: PLC0415
+
+    pbar = comfy.utils.ProgressBar(steps)
+    previewer = _previewer(patcher)
+
+    def update(step: int, total: int, preview: Any) -> None:
+        image = None
+        if previewer is not None and preview is not None:
+            import torch  # noqa: PLC0415
+
+            x0 = preview if isinstance(preview, torch.Tensor) else torch.from_numpy(preview.copy())
+            x0 = x0.to(device=patcher.load_device, dtype=torch.float32)
+            image = previewer.decode_latent_to_preview_image("JPEG", x0)
+        pbar.update_absolute(step, total, image)
+
+    return ProgressHook(update, PREVIEW_INTERVAL_S if previewer is not None else None)
+
+
+def _previewer(patcher: Any) -> Any:
+    """ComfyUI's previewer for this MODEL's latent format (None when previews are off or unavailable)."""
+    latent_format = getattr(getattr(patcher, "model", None), "latent_format", None)
+    if latent_format is None:
+        return None
+    try:
+        import latent_preview  # noqa: PLC0415  (ComfyUI's top-level module)
+    except ImportError:
+        return None
+    return latent_preview.get_previewer(patcher.load_device, latent_format)
 
 
 def _comfy_interrupted() -> bool:

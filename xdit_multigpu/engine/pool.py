@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import DispatcherSpec
 from ..errors import ConfigError, WorkerError, WorkerTimeout
-from ..executor.base import Executor
+from ..executor.base import Executor, ProgressHook
 from .request import SampleRequest
 
 log = logging.getLogger("xdit_multigpu.pool")
@@ -106,15 +106,16 @@ class WorkerPool:
         log.info("xDiT: pool for %s ready in %.1f s: %s", spec.devices.describe(), took, facts[0] if facts else {})
         return cls(spec.pool_key(), executor, facts, took)
 
-    def sample(self, req: SampleRequest, timeout: float) -> Any:
+    def sample(self, req: SampleRequest, timeout: float, on_progress: ProgressHook | None = None) -> Any:
         """Rank 0's latent (CPU tensor). Raises ``WorkerError`` on any rank's failure.
 
         A delta's weight patches (LoRA tensors) are sent only when the workers do not hold them yet.
+        ``on_progress`` receives rank 0's steps while the workers sample.
         """
         delta = req.delta
         if delta is not None and delta.weights is not None and delta.weights_key == self.weights_key:
             req = dataclasses.replace(req, delta=delta.without_weights())
-        results = self.executor.collective_rpc("sample", (req,), timeout=timeout)
+        results = self.executor.collective_rpc("sample", (req,), timeout=timeout, on_progress=on_progress)
         if delta is not None and delta.weights_key:
             self.weights_key = delta.weights_key
         latent = results[0]

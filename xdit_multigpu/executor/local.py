@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import WorkerError
-from .base import DEFAULT_RPC_TIMEOUT_S, Executor
+from .base import DEFAULT_RPC_TIMEOUT_S, Executor, ProgressHook
 
 
 class LocalExecutor(Executor):
@@ -37,6 +37,7 @@ class LocalExecutor(Executor):
         kwargs: dict[str, Any] | None = None,
         timeout: float = DEFAULT_RPC_TIMEOUT_S,  # noqa: ARG002  (no collective in-process; see module doc)
         per_rank_args: list[tuple[Any, ...]] | None = None,
+        on_progress: ProgressHook | None = None,
     ) -> list[Any]:
         if self._worker is None:
             raise WorkerError(f"{method}: the local worker is shut down")
@@ -47,7 +48,12 @@ class LocalExecutor(Executor):
         fn = getattr(self._worker, method, None)
         if fn is None:
             raise WorkerError(f"{method}: the worker has no such method")
-        return [fn(*args, **(kwargs or {}))]
+        kw = dict(kwargs or {})
+        if on_progress is not None:
+            # In-process: every step goes straight to the hook (x0 stays a tensor on its device).
+            kw["progress"] = lambda step, total, x0: on_progress.update(
+                step, total, x0 if on_progress.preview_interval_s is not None else None)
+        return [fn(*args, **kw)]
 
     def check_health(self, timeout: float = 10.0) -> None:  # noqa: ARG002
         if self._worker is None:

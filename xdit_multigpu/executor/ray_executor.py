@@ -24,13 +24,15 @@ from typing import Any
 
 from ..config import DeviceKind, DeviceSet
 from ..errors import WorkerError, WorkerTimeout
-from .base import DEFAULT_RPC_TIMEOUT_S, Executor
+from .base import DEFAULT_RPC_TIMEOUT_S, Executor, ProgressHook
 from .cluster import ClusterInfo, worker_pythonpath
 
 log = logging.getLogger("xdit_multigpu.executor")
 
 DEFAULT_WORKER = "xdit_multigpu.worker.worker.Worker"
 CPU_RANK_CPUS = 0.01  # CPU ranks book almost nothing so 4 ranks start on a 2-core box
+POLL_S = 1.0  # wait slice: abort_check is polled this often
+PROGRESS_POLL_S = 0.1  # wait slice while a call reports progress (one tiny drain per slice)
 
 
 class WorkerInterrupted(WorkerError):
@@ -76,6 +78,63 @@ class RayWorkerWrapper:
             self._worker = _resolve(self._worker_cls)()
         return getattr(self._worker, method)(*args, **kwargs)
 
+    def execute_reporting(self, sink: Any, preview_interval_s: float | None, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``execute`` with a ``progress`` reporter that sends to ``sink`` (fire-and-forget, ordered).
+        Before returning, waits once for the last report to land: the caller's final drain sees every step."""
+        reporter = _SinkReporter(sink, preview_interval_s)
+        try:
+            return self.execute(method, *args, progress=reporter, **kwargs)
+        finally:
+            reporter.flush()
+
+
+class _SinkReporter:
+    """Rank 0's ``progress(step, total, x0)``: every step is sent; x0 at most once per interval."""
+
+    def __init__(self, sink: Any, preview_interval_s: float | None) -> None:
+        self._sink = sink
+        self._interval = preview_interval_s
+        self._last_preview = float("-inf")
+        self._last_ref: Any = None
+
+    def __call__(self, step: int, total: int, x0: Any = None) -> None:
+        preview = None
+        now = time.monotonic()
+        if self._interval is not None and x0 is not None and now - self._last_preview >= self._interval:
+            self._last_preview = now
+            preview = _small_latent(x0)
+        self._last_ref = self._sink.put.remote(int(step), int(total), preview)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        if self._last_ref is None:
+            return
+        import ray  # noqa: PLC0415
+
+        try:
+            ray.get(self._last_ref, timeout=timeout)
+        except (ray.exceptions.RayError, TimeoutError) as e:  # progress must never fail the sampling call
+            log.debug("xDiT: progress flush: %s", e)
+
+
+def _small_latent(x0: Any) -> Any:
+    """The preview source: first batch item (first frame of a video latent), float16 numpy on CPU."""
+    x = x0[:1, :, :1] if x0.ndim == 5 else x0[:1]
+    return x.detach().to("cpu").half().numpy()
+
+
+class ProgressSink:
+    """A tiny actor between rank 0 and the driver: rank 0 puts step reports, the driver drains them."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[int, int, Any]] = []
+
+    def put(self, step: int, total: int, preview: Any) -> None:
+        self._events.append((step, total, preview))
+
+    def drain(self) -> list[tuple[int, int, Any]]:
+        events, self._events = self._events, []
+        return events
+
 
 def _last_line(err: BaseException) -> str:
     """The remote traceback's last line (``ExcType: message``), which names the actual cause."""
@@ -115,6 +174,7 @@ class RayExecutor(Executor):
         self.abort_check: Callable[[], bool] | None = None
         self.placement: list[dict[str, Any]] = []
         self._rendezvous_dir: str | None = None
+        self._sink: Any = None  # ProgressSink actor, started on the first call that reports progress
         if self.world_size < 1:
             raise WorkerError("gpu_devices: no device to start a worker on")
         self._check_resources()
@@ -213,6 +273,7 @@ class RayExecutor(Executor):
         per_rank = [
             (r, self.world_size, init_method, backend, timeout_s, comfy_root, cli_args) for r in range(self.world_size)
         ]
+        self._progress_sink()  # starts while the ranks join and load, ready for the first sampling call
         self.collective_rpc("init_distributed", per_rank_args=per_rank, timeout=timeout_s)
 
     # -- calls ---------------------------------------------------------------------------------------
@@ -223,6 +284,7 @@ class RayExecutor(Executor):
         kwargs: dict[str, Any] | None = None,
         timeout: float = DEFAULT_RPC_TIMEOUT_S,
         per_rank_args: list[tuple[Any, ...]] | None = None,
+        on_progress: ProgressHook | None = None,
     ) -> list[Any]:
         if self._failure is not None or not self._actors:
             raise WorkerError(f"{method}: the worker pool is shut down ({self._failure or 'shutdown() was called'})")
@@ -233,15 +295,49 @@ class RayExecutor(Executor):
             # Serialise a shared argument (a request with latents and conditioning) once, not once per rank;
             # Ray resolves top-level ObjectRef arguments before the method runs.
             args = tuple(self._ray.put(a) for a in args)
-        refs = [
-            a.execute.remote(method, *(per_rank_args[r] if per_rank_args is not None else args), **kw)
-            for r, a in enumerate(self._actors)
-        ]
-        return self._gather(refs, method, timeout)
+        refs = []
+        for r, a in enumerate(self._actors):
+            rank_args = per_rank_args[r] if per_rank_args is not None else args
+            if r == 0 and on_progress is not None:  # rank 0 reports its steps to the sink
+                sink, every = self._progress_sink(), on_progress.preview_interval_s
+                refs.append(a.execute_reporting.remote(sink, every, method, *rank_args, **kw))
+            else:
+                refs.append(a.execute.remote(method, *rank_args, **kw))
+        return self._gather(refs, method, timeout, on_progress)
 
-    def _gather(self, refs: list[Any], method: str, timeout: float) -> list[Any]:
-        """Results in rank order; the first failure (not the slowest rank) ends the wait."""
+    def _progress_sink(self) -> Any:
+        """The pool's ``ProgressSink`` actor (started once, on the driver's node, books no CPU)."""
+        if self._sink is None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
+
+            here = NodeAffinitySchedulingStrategy(self._ray.get_runtime_context().get_node_id(), soft=True)
+            env = {"PYTHONPATH": worker_pythonpath(self.cluster.comfy_root)}
+            cls = self._ray.remote(ProgressSink)
+            self._sink = cls.options(num_cpus=0, max_restarts=0, scheduling_strategy=here,
+                                     runtime_env={"env_vars": env}).remote()
+        return self._sink
+
+    def _report(self, method: str, on_progress: ProgressHook) -> None:
+        """Hand every report rank 0 made so far to ``on_progress`` (bounded; the hook may raise)."""
+        try:
+            events = self._ray.get(self._sink.drain.remote(), timeout=30.0)
+        except self._ray.exceptions.RayError as e:
+            self._fail(f"the progress sink failed during {method}")
+            raise WorkerError(f"{method}: the progress sink failed: {_last_line(e)}") from e
+        for step, total, preview in events:
+            try:
+                on_progress.update(step, total, preview)
+            except BaseException as e:
+                self._fail(f"{method}: the progress hook raised {type(e).__name__}")
+                raise
+
+    def _gather(self, refs: list[Any], method: str, timeout: float, on_progress: ProgressHook | None = None) -> list[Any]:
+        """Results in rank order; the first failure (not the slowest rank) ends the wait.
+
+        With ``on_progress``, rank 0's reports are handed to it between wait slices and once at the end.
+        """
         ray = self._ray
+        poll = PROGRESS_POLL_S if on_progress is not None else POLL_S
         rank_of = {ref: r for r, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
@@ -255,7 +351,7 @@ class RayExecutor(Executor):
             if self.abort_check is not None and self.abort_check():
                 self._fail(f"{method} was interrupted")
                 raise WorkerInterrupted(f"{method}: interrupted; the workers were stopped")
-            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0))
+            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, poll))
             for ref in ready:
                 rank = rank_of[ref]
                 try:
@@ -266,6 +362,8 @@ class RayExecutor(Executor):
                 except ray.exceptions.RayError as e:
                     self._fail(f"rank {rank} failed in {method}")
                     raise WorkerError(f"rank {rank} ({self._where(rank)}) failed in {method}: {_last_line(e)}") from e
+            if on_progress is not None:
+                self._report(method, on_progress)
         return [results[r] for r in range(len(refs))]
 
     def _where(self, rank: int) -> str:
@@ -287,6 +385,9 @@ class RayExecutor(Executor):
 
     def _kill_all(self) -> None:
         actors, self._actors = self._actors, []
+        if self._sink is not None:
+            actors.append(self._sink)
+            self._sink = None
         if self._rendezvous_dir and self.cluster.embedded:  # same machine: remove the FileStore's temp dir
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
             self._rendezvous_dir = None

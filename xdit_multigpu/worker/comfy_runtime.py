@@ -8,6 +8,7 @@ without it).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from ..config import LoaderKind, LoadSpec
@@ -83,6 +84,18 @@ def prepare_noise(patcher: Any, latent: dict[str, Any], seed: int, disable_noise
     else:
         noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     return latent_image, noise
+
+
+def progress_callback(progress: Callable[[int, int, Any], None] | None) -> Callable[..., None] | None:
+    """ComfyUI's sampler ``callback(step, x0, x, total_steps)`` -> ``progress(step + 1, total_steps, x0)``,
+    the values ``latent_preview.prepare_callback`` gives the progress bar."""
+    if progress is None:
+        return None
+
+    def callback(step: int, x0: Any, x: Any, total_steps: int) -> None:  # noqa: ARG001
+        progress(step + 1, total_steps, x0)
+
+    return callback
 
 
 def run_sampler(patcher: Any, req: SampleRequest, callback: Any = None, disable_pbar: bool = True) -> Any:

@@ -115,11 +115,12 @@ class Worker:
         }
 
     @_logged
-    def sample(self, req: SampleRequest) -> Any:
+    def sample(self, req: SampleRequest, progress: Callable[[int, int, Any], None] | None = None) -> Any:
         """Run ComfyUI's sampler with this rank's share of the work; rank 0 returns the latent (CPU), others None.
 
         Every rank runs the same ``comfy.sample.sample`` call; ``parallelize`` (on a clone) makes the ranks
         split the model's work and exchange activations so they all end on the same latent.
+        ``progress(step, total, x0)`` (rank 0 only) is called after every step, 1-based like ComfyUI's bar.
         """
         if self.patcher is None:
             raise RuntimeError("sample called before load_model")
@@ -136,7 +137,7 @@ class Worker:
             if self.spec is None:
                 raise RuntimeError(f"{type(self.patcher.model.model_config).__name__} has no ModelSpec to parallelize")
             patcher = parallelize(patcher, self.spec, plan, self._groups_for(plan))
-        out = comfy_runtime.run_sampler(patcher, req)
+        out = comfy_runtime.run_sampler(patcher, req, callback=comfy_runtime.progress_callback(progress))
         return out.cpu() if self.rank == 0 else None
 
     def _groups_for(self, plan: ParallelPlan) -> Any:
