@@ -9,7 +9,8 @@ import pytest
 from xdit_multigpu.config import ParallelPlan
 from xdit_multigpu.errors import ConfigError, UnsupportedModelError
 from xdit_multigpu.models.families import FLUX, SD3, SDXL
-from xdit_multigpu.parallel.apply import _refuse_control, parallelize, validate
+from xdit_multigpu.parallel.apply import parallelize, validate
+from xdit_multigpu.parallel.control import make_control_wrapper
 
 pytestmark = pytest.mark.unit
 
@@ -44,10 +45,13 @@ def test_world_size_one_returns_patcher_unchanged() -> None:
     assert parallelize(patcher, FLUX, ParallelPlan(), _groups(ParallelPlan())) is patcher  # type: ignore[arg-type]
 
 
-def test_controlnet_is_refused_under_sequence_parallel() -> None:
+def test_controlnet_is_refused_for_families_without_control_residuals() -> None:
     def executor(*args: object, **kwargs: object) -> str:
         return "ran"
 
-    assert _refuse_control(executor, None, None, None, None, None, {}) == "ran"
-    with pytest.raises(UnsupportedModelError, match="ControlNet"):
-        _refuse_control(executor, None, None, None, None, {"input": []}, {})
+    refuse = make_control_wrapper(False, "HunyuanDiT")
+    assert refuse(executor, None, None, None, None, None, {}) == "ran"
+    with pytest.raises(UnsupportedModelError, match="ControlNet .* HunyuanDiT") as err:
+        refuse(executor, None, None, None, None, {"input": []}, {})
+    assert err.value.field == "parallel_strategy" and "CFG" in err.value.fix
+    assert FLUX.control_residuals and SD3.control_residuals and not SDXL.control_residuals

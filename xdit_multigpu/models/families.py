@@ -62,6 +62,7 @@ FLUX = register(
         heads=_num_heads,
         hook="DIFFUSION_MODEL wrapper + post_input patch + dit single_block replace + attention override",
         sequence_parallel=LazyInstaller("xdit_multigpu.models.flux", "install_sequence_parallel"),
+        control_residuals=True,  # control["input"][i] after double block i, ["output"][i] after single i
     )
 )
 
@@ -74,6 +75,7 @@ SD3 = register(
         heads=_mmdit_heads,
         hook="dit double_block replace (shard at block 0, gather after the last) + attention override",
         sequence_parallel=LazyInstaller("xdit_multigpu.models.sd3", "install_sequence_parallel"),
+        control_residuals=True,  # control["output"][i] added after joint block i
     )
 )
 

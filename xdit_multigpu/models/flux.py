@@ -14,6 +14,13 @@ Hooks, in the order a forward meets them:
 4. ``("single_block", last)`` replace: gathers the image tokens after the last single block (or after
    the last double block when there are no single blocks), so ``final_layer`` and the unpatchify run
    on the full sequence, identically on every rank.
+
+Conditioning features: Kontext reference latents are appended to ``img`` / ``img_ids`` by ``_forward``
+before ``post_input``, so the split covers ``L + R`` tokens (uneven when needed); the gather restores
+all of them and ``_forward`` trims ``out[:, :img_tokens]`` as on one device. ControlNet residuals
+(``control["input"][i]`` after double block i, ``["output"][i]`` after single block i, each covering the
+first L image tokens) are handed out as local rows by the generic APPLY_MODEL wrapper
+(``parallel/control.py``); the one added after the gathering block is handed out whole.
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ class ModelSpec:
     hook: str  # which ComfyUI extension point carries the sequence split (documentation + matrix)
     sequence_parallel: SequenceParallelInstaller | None = None
     notes: str = ""
+    # ControlNet under sequence parallel: residual lists indexed per block and added to the image rows
+    # [0, n) of the stream (see parallel/control.py). False: ControlNet is refused with SP.
+    control_residuals: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def supports(self, axis: Axis) -> bool:

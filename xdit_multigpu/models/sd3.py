@@ -12,6 +12,10 @@ Hooks:
 3. ``("double_block", last)`` replace: gathers ``out["img"]`` after the last block (``pre_only``: its
    ``txt`` output is None), so ``final_layer`` and ``unpatchify`` see the full image on every rank.
 
+ControlNet: ``control["output"][i]`` is added (``x += add``) after joint block i; the generic APPLY_MODEL
+wrapper (``parallel/control.py``) hands out this rank's rows while the image is sharded, whole after
+the gather.
+
 SD3.5-Large has 38 heads: Ulysses 2 (or 19); put the rest on ring.
 """
 

@@ -16,6 +16,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..models.registry import Axis, ModelSpec
 from .attention import SequenceAttention, make_attention_override
 from .cfg import apply_cfg
+from .control import CONTROL_KEY, make_control_wrapper
 from .groups import ParallelGroups
 from .sequence import SequenceParallel
 
@@ -80,27 +81,13 @@ def parallelize(patcher: Any, spec: ModelSpec, plan: ParallelPlan, groups: Paral
 
 
 def apply_sequence(patcher: Any, spec: ModelSpec, groups: ParallelGroups) -> SequenceParallel:
-    """Install the family's sequence-parallel hooks on ``patcher`` (already a clone)."""
+    """Install the family's sequence-parallel hooks on ``patcher`` (already a clone), plus the
+    ``APPLY_MODEL`` wrapper that shards ControlNet residuals (or refuses them, see ``control.py``)."""
     import comfy.patcher_extension  # noqa: PLC0415  (the package imports without ComfyUI)
 
     assert spec.sequence_parallel is not None
     ctx = SequenceParallel(groups, make_attention_override(SequenceAttention(groups)))
     spec.sequence_parallel(patcher, ctx)
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTROL_GUARD_KEY, _refuse_control)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTROL_KEY,
+                                 make_control_wrapper(spec.control_residuals, spec.display))
     return ctx
-
-
-CONTROL_GUARD_KEY = "xdit_multigpu.sequence_parallel_control_guard"
-
-
-def _refuse_control(executor: Any, x: Any, t: Any, c_concat: Any, c_crossattn: Any, control: Any,
-                    transformer_options: Any, **kwargs: Any) -> Any:
-    """ControlNet adds full-length residuals to the (sharded) image stream: refuse it clearly instead
-    of failing on a shape mismatch. Every rank of a sequence group sees the same conds, so all raise
-    together, before any collective of this step."""
-    if control is not None:
-        raise UnsupportedModelError(
-            "parallel_strategy", "ControlNet is not supported with sequence parallelism yet",
-            "Use CFG parallel (or one device) with ControlNet",
-        )
-    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
