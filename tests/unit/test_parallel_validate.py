@@ -8,7 +8,7 @@ import pytest
 
 from xdit_multigpu.config import ParallelPlan
 from xdit_multigpu.errors import ConfigError, UnsupportedModelError
-from xdit_multigpu.models.families import FLUX, SD3, SDXL
+from xdit_multigpu.models.families import FLUX, HUNYUAN_DIT, PIXART, SD3, SDXL
 from xdit_multigpu.parallel.apply import parallelize, validate
 from xdit_multigpu.parallel.control import make_control_wrapper
 
@@ -54,4 +54,5 @@ def test_controlnet_is_refused_for_families_without_control_residuals() -> None:
     with pytest.raises(UnsupportedModelError, match="ControlNet .* HunyuanDiT") as err:
         refuse(executor, None, None, None, None, {"input": []}, {})
     assert err.value.field == "parallel_strategy" and "CFG" in err.value.fix
-    assert FLUX.control_residuals and SD3.control_residuals and not SDXL.control_residuals
+    assert FLUX.control_residuals and SD3.control_residuals
+    assert not (SDXL.control_residuals or PIXART.control_residuals or HUNYUAN_DIT.control_residuals)
