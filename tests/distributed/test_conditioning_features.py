@@ -6,7 +6,8 @@ Features, built with ComfyUI's own nodes: inpainting noise mask (denoise 0.6), a
 ControlNet (ControlNetApplyAdvanced with a tiny ComfyUI ControlNet; also on an odd 9 x 9 token grid) and,
 for Flux, Kontext reference latents (``reference_latents``, even and odd token counts, with ControlNet).
 
-Plans: Ulysses and Ring on 2 ranks; Ulysses x Ring and CFG x Ulysses on 4. One spawn per (model, ranks).
+Plans: Ulysses and Ring on 2 ranks (plus CFG alone for ControlNet / area); Ulysses x Ring and CFG x
+Ulysses on 4. One spawn per (model, ranks).
 ``control_wrong_rows`` is a negative control: ControlNet residual rows of the wrong place must fail.
 """
 
@@ -45,6 +46,8 @@ def _cases(model: str, world: int) -> list[FeatureCase]:
     cases += [FeatureCase(sp_plan, "control", size=18),  # 81 tokens: uneven shards
               FeatureCase(PLANS[world][-1], "control", size=18),
               FeatureCase(sp_plan, "control_wrong_rows")]
+    if world == 2:  # CFG parallel alone (no sequence split): ControlNet and area conds per CFG rank
+        cases += [FeatureCase((2, 1, 1), "control"), FeatureCase((2, 1, 1), "area_odd")]
     if model == "flux":
         cases.append(FeatureCase(PLANS[world][-1], "kontext_control", size=18))
     return cases
