@@ -213,3 +213,19 @@ def test_prompt_queue_set_flag(comfy_root: str) -> None:
     server = importlib.import_module("server")
     _has(server.PromptServer, 'self.prompt_queue.set_flag("unload_models", unload_models)',
          'self.prompt_queue.set_flag("free_memory", free_memory)')
+
+
+# --- ControlNet residuals under sequence parallel (parallel/control.py) ------------------------------------
+
+
+def test_control_residuals_are_indexed_per_block_and_added_to_the_stream(comfy_root: str) -> None:
+    """parallel/control.py hands out each residual (``control["input"|"output"][i]``) as the local rows:
+    that is exact only while ComfyUI reads them per block by index and adds them to the image stream."""
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules import mmdit
+
+    _has(Flux.forward_orig, 'control_i = control.get("input")', "add = control_i[i]",
+         "img[:, :add.shape[1]] += add", 'control_o = control.get("output")', "add = control_o[i]",
+         "img[:, txt.shape[1] : txt.shape[1] + add.shape[1], ...] += add")
+    _has(mmdit.MMDiT.forward_core_with_concat, 'control_o = control.get("output")', "add = control_o[i]",
+         "x += add")
