@@ -169,7 +169,7 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     from xdit_multigpu.config import ParallelPlan
     from xdit_multigpu.models import lookup_config
     from xdit_multigpu.parallel.apply import parallelize
-    from xdit_multigpu.parallel.groups import ParallelGroups
+    from _harness import groups_for
     from xdit_multigpu.parallel.hooks import OVERRIDE_KEY
 
     name, cases = payload
@@ -186,10 +186,7 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     groups = None
     for case in cases:
         plan = ParallelPlan(*case.plan)
-        if groups is None or groups.plan != plan:
-            if groups is not None:
-                groups.destroy()
-            groups = ParallelGroups.build(plan, rank, world, timeout_s=60)
+        groups = groups_for(plan, groups, rank, world)
         patched = parallelize(base, spec, plan, groups)
         if case.variant == "no_override":  # negative control: local-only attention must be caught
             drop_sequence_attention(patched)

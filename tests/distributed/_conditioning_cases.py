@@ -153,7 +153,7 @@ def run_feature_cases(rank: int, world: int, payload: tuple[str, list[FeatureCas
     from xdit_multigpu.config import ParallelPlan
     from xdit_multigpu.models import lookup_config
     from xdit_multigpu.parallel.apply import parallelize
-    from xdit_multigpu.parallel.groups import ParallelGroups
+    from _harness import groups_for
 
     name, cases = payload
     base = build_model(name)
@@ -165,10 +165,7 @@ def run_feature_cases(rank: int, world: int, payload: tuple[str, list[FeatureCas
     right_rows = control_mod.residual_rows
     for case in cases:
         plan = ParallelPlan(*case.plan)
-        if groups is None or groups.plan != plan:
-            if groups is not None:
-                groups.destroy()
-            groups = ParallelGroups.build(plan, rank, world, timeout_s=60)
+        groups = groups_for(plan, groups, rank, world)
         control_mod.residual_rows = _wrong_rows if case.feature == "control_wrong_rows" else right_rows
         try:
             out["parallel"].append(sample_feature(parallelize(base, spec, plan, groups), name, case, controlnet).numpy())

@@ -90,3 +90,14 @@ def run_ranks(target: Callable[[int, int, Any], Any], world: int, payload: Any, 
                 p.kill()
                 p.join(timeout=5)
     return [got[r][1] for r in range(world)]
+
+
+def groups_for(plan: Any, current: Any, rank: int, world: int) -> Any:
+    """The ``ParallelGroups`` of ``plan``: ``current`` when it already is, else rebuilt (old ones freed)."""
+    from xdit_multigpu.parallel.groups import ParallelGroups
+
+    if current is not None and current.plan == plan:
+        return current
+    if current is not None:
+        current.destroy()
+    return ParallelGroups.build(plan, rank, world, timeout_s=GLOO_TIMEOUT_S)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -43,19 +42,6 @@ class FakeWorker:
 
     def ping(self):
         return "pong"
-
-
-@pytest.fixture(scope="module")
-def cluster(comfy_root):
-    os.environ.setdefault("COMFYUI_PATH", comfy_root)
-    import ray.cloudpickle
-
-    from xdit_multigpu.executor.cluster import ensure_cluster, shutdown_cluster
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    info = ensure_cluster()
-    yield info
-    shutdown_cluster()
 
 
 def cpu(n):

@@ -7,8 +7,6 @@ SD3 on 2 CPU ranks): the hook sees every step, and without a hook ComfyUI's own 
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
@@ -46,22 +44,6 @@ class Recorder:
         self.events.append((step, total, preview, time.monotonic()))
         if self.raise_at is not None and step >= self.raise_at:
             raise KeyboardInterrupt("stop")  # any exception; ComfyUI's is InterruptProcessingException
-
-
-@pytest.fixture(scope="module")
-def cluster(comfy_root):
-    os.environ.setdefault("COMFYUI_PATH", comfy_root)
-    import ray.cloudpickle
-
-    from xdit_multigpu.executor.cluster import ensure_cluster, shutdown_cluster
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    info = ensure_cluster()
-    yield info
-    from xdit_multigpu.engine.engine import get_engine
-
-    get_engine().release_all(stop_ray=False)
-    shutdown_cluster()
 
 
 CPU2 = DeviceSet(DeviceKind.CPU, (0, 1), "cpu:2")
