@@ -241,6 +241,21 @@ FAMILIES: tuple[str, ...] = tuple(_RECIPES)
 DEFAULT_FAMILIES: tuple[str, ...] = tuple(f for f, r in _RECIPES.items() if r.default)
 
 
+def register_recipe(recipe: _Recipe) -> None:
+    """Add a family defined in an extension module (``_EXTENSIONS``, kept apart to keep this file small).
+
+    Extension families are opt-in (``default=False``): tests name them in ``write_tiny_models``.
+    """
+    global FAMILIES
+    if recipe.default:
+        raise ValueError(f"{recipe.family}: extension families are opt-in (default=False)")
+    other = _RECIPES.get(recipe.family)
+    if other is not None and other != recipe:
+        raise ValueError(f"tiny-model family {recipe.family} is already registered")
+    _RECIPES[recipe.family] = recipe
+    FAMILIES = tuple(_RECIPES)
+
+
 def filename_for(family: str) -> str:
     return f"{PREFIX}{family}.safetensors"
 
@@ -489,6 +504,25 @@ def empty_latent(tiny: TinyModel, width: int = 512, height: int = 512, batch: in
 
 
 # --------------------------------------------------------------------------------------------------
+# Extension modules: importing one registers its recipes (it imports this module's names, all defined
+# above this point, so the circular import is safe).
+
+_EXTENSIONS: tuple[str, ...] = (
+    "xdit_multigpu.testing.tiny_models_chroma_qwen",  # chroma, qwen_image
+)
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for name in _EXTENSIONS:
+        importlib.import_module(name)
+
+
+_load_extensions()
+
+
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -517,5 +551,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The package module's main: extension recipes register there, not in this ``__main__`` copy.
+    from xdit_multigpu.testing import tiny_models as _package_module
+
+    raise SystemExit(_package_module.main())
 
