@@ -115,3 +115,35 @@ HUNYUAN_DIT = register(
         sequence_parallel=LazyInstaller("xdit_multigpu.models.hunyuan_dit", "install_sequence_parallel"),
     )
 )
+
+CHROMA = register(
+    ModelSpec(
+        name="chroma",
+        display="Chroma",
+        config_classes=("Chroma",),  # not ChromaRadiance (pixel space, NeRF head): unlisted -> unsupported
+        axes=_SP,
+        heads=_num_heads,  # detection sets 24
+        hook="dit double_block / single_block replace on every block (shard / slice RoPE / gather) + attention override",
+        sequence_parallel=LazyInstaller("xdit_multigpu.models.chroma", "install_sequence_parallel"),
+        notes="ControlNet: CFG parallel only",
+    )
+)
+
+
+def _qwen_heads(cfg: Mapping[str, Any]) -> int:
+    # QwenImageTransformer2DModel default 24 heads x 128; detection leaves num_attention_heads out.
+    return int(cfg.get("num_attention_heads") or 24)
+
+
+QWEN_IMAGE = register(
+    ModelSpec(
+        name="qwen_image",
+        display="Qwen-Image / Qwen-Image-Edit",
+        config_classes=("QwenImage",),
+        axes=_SP,
+        heads=_qwen_heads,
+        hook="dit double_block replace on every block (shard / slice RoPE / gather) + attention override",
+        sequence_parallel=LazyInstaller("xdit_multigpu.models.qwen_image", "install_sequence_parallel"),
+        notes="ControlNet and double_block model patches (DiffSynth): CFG parallel only",
+    )
+)
