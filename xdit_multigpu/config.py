@@ -48,6 +48,26 @@ class SchedulingStrategy(StrEnum):
     ADAPTIVE = "adaptive"
 
 
+class AttentionBackend(StrEnum):
+    """Which library runs sequence-parallel attention (``XDIT_ATTENTION_BACKEND``)."""
+
+    YUNCHANG = "yunchang"  # default: yunchang's LongContextAttention with our LSE kernels
+    XFUSER = "xfuser"  # optional: xfuser's xFuserLongContextAttention (xfuser installed; FA3 / flash-attn kernels)
+
+    @classmethod
+    def from_env(cls) -> AttentionBackend:
+        """The backend named by ``XDIT_ATTENTION_BACKEND`` (unset or empty: yunchang)."""
+        raw = os.environ.get("XDIT_ATTENTION_BACKEND", "").strip().lower()
+        if not raw:
+            return cls.YUNCHANG
+        try:
+            return cls(raw)
+        except ValueError:
+            raise ConfigError(
+                "XDIT_ATTENTION_BACKEND", f'is "{raw}"', f"Set it to one of {[b.value for b in cls]}, or unset it"
+            ) from None
+
+
 class DeviceKind(StrEnum):
     CUDA = "cuda"
     CPU = "cpu"  # CPU ranks stand in for GPUs (tests, CI); gloo instead of NCCL
@@ -144,6 +164,71 @@ def parse_encoder_device(text: str, visible_gpus: int) -> str | None:
     return f"cuda:{int(idx)}"
 
 
+VAE_TILE_PIXELS_ENV = "XDIT_VAE_TILE_PIXELS"
+VAE_TILE_TIMEOUT_ENV = "XDIT_VAE_TILE_TIMEOUT_S"
+
+
+@dataclass(frozen=True)
+class VAEParallelConfig:
+    """``parallel_devices`` of Load VAE (xDiT): the devices the VAE's tiles are spread over.
+
+    ``devices``: one torch device string per slot ("cuda:1", or "cpu" repeated for CPU test slots).
+    ``tile_pixels``: a plain decode / encode of an image with more pixels than this goes the parallel
+    tiled way; 0 = only where ComfyUI's own memory estimate exceeds the VAE device's free memory (where
+    the stock VAE would run out of memory and retry tiled). ``max_batch``: tiles of equal shape run
+    together on one device (1 = one tile per call, bit-identical to ComfyUI's tiler).
+    """
+
+    devices: tuple[str, ...]
+    tile_pixels: int = 0
+    max_batch: int = 1
+    timeout_s: float = 600.0
+
+    def describe(self) -> str:
+        kinds = {d.split(":")[0] for d in self.devices}
+        if kinds == {"cpu"}:
+            return f"{len(self.devices)} CPU slots"
+        return "GPU " + ",".join(d.split(":")[-1] for d in self.devices)
+
+
+def _env_number(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ConfigError(name, f'"{raw}" is not a number >= {minimum:g}', f"Set {name} to a number, or unset it")
+    return value
+
+
+def parse_vae_parallel(text: str, visible_gpus: int | None) -> VAEParallelConfig | None:
+    """Parse ``parallel_devices``: "" (off: the stock VAE), "0,1,2,3", "all" or "cpu:N" (as ``gpu_devices``).
+
+    One device is also off (the stock VAE, exactly). Environment: ``XDIT_VAE_TILE_PIXELS`` (see
+    ``VAEParallelConfig.tile_pixels``), ``XDIT_VAE_TILE_TIMEOUT_S`` (bound on the wait for one tile).
+    """
+    fld = "parallel_devices"
+    if not (text or "").strip():
+        return None
+    try:
+        ds = DeviceSet.parse(text, visible_gpus)
+    except ConfigError as e:
+        raise ConfigError(fld, e.problem, e.fix + ", or leave it empty for the stock VAE") from None
+    if ds.kind is DeviceKind.CUDA and not ds.ids:
+        raise ConfigError(fld, '"all" finds no CUDA GPU on this machine', 'Leave it empty, or use "cpu:2" to test')
+    if ds.world_size < 2:
+        return None
+    devices = ("cpu",) * ds.world_size if ds.kind is DeviceKind.CPU else tuple(f"cuda:{i}" for i in ds.ids)
+    return VAEParallelConfig(
+        devices=devices,
+        tile_pixels=int(_env_number(VAE_TILE_PIXELS_ENV, 0, 0)),
+        timeout_s=_env_number(VAE_TILE_TIMEOUT_ENV, 600.0, 1.0),
+    )
+
+
 class LoaderKind(StrEnum):
     DIFFUSION_MODEL = "diffusion_model"  # UNETLoader semantics
     CHECKPOINT = "checkpoint"  # CheckpointLoaderSimple semantics (workers load only the diffusion model)
@@ -187,6 +272,7 @@ class ParallelPlan:
     ulysses: int = 1
     ring: int = 1
     reason: str = field(default="", compare=False)
+    attention: AttentionBackend = AttentionBackend.YUNCHANG  # used only when ulysses * ring > 1
 
     def __post_init__(self) -> None:
         for name in ("cfg", "ulysses", "ring"):
@@ -208,7 +294,10 @@ class ParallelPlan:
         return cfg_rank, ring_rank, uly_rank
 
     def describe(self) -> str:
-        return f"cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring} on {self.world_size} device(s)"
+        text = f"cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring} on {self.world_size} device(s)"
+        if self.sp > 1 and self.attention is not AttentionBackend.YUNCHANG:
+            text += f" ({self.attention.value} attention)"
+        return text
 
 
 @dataclass(frozen=True)

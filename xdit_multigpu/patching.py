@@ -7,9 +7,10 @@ update that moves it fails CI instead of silently disabling the behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,29 @@ def remove(key: str) -> bool:
 
 def installed(key: str) -> bool:
     return key in _INSTALLED
+
+
+@contextlib.contextmanager
+def temporarily(key: str, owner: Any, attr: str, value: Any) -> Iterator[None]:
+    """``owner.attr = value`` for the duration of a ``with`` block (e.g. one import), then restored."""
+    install(key, owner, attr, lambda _original: value)
+    try:
+        yield
+    finally:
+        remove(key)
+
+
+@contextlib.contextmanager
+def swapped(owner: Any, attr: str, value: Any) -> Iterator[Any]:
+    """``owner.attr = value`` for the duration of a with-block, restored on exit (also on error); yields
+    the original. For a short host call on the thread that runs the prompt (ComfyUI runs one node at a
+    time); not for state other threads read concurrently."""
+    original = getattr(owner, attr)
+    setattr(owner, attr, value)
+    try:
+        yield original
+    finally:
+        setattr(owner, attr, original)
 
 
 FREE_HOOK = "xdit.prompt_queue.set_flag"

@@ -26,6 +26,7 @@ class Case:
     size: int = 16  # latent height = width
     steps: int = 2
     variant: str = ""  # "", "mask", "no_override" (negative control), "neg_text" (uneven text lengths)
+    attention: str = "yunchang"  # AttentionBackend value of the plan
 
     @property
     def reference_key(self) -> tuple[Any, ...]:
@@ -166,7 +167,8 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     """Rank entry: parallel runs for every case, then (rank 0) the one-device references."""
     import torch.distributed as dist
 
-    from xdit_multigpu.config import ParallelPlan
+    from xdit_multigpu.config import AttentionBackend, ParallelPlan
+    from xdit_multigpu.parallel.xfuser_attention import XFuserUSP
     from xdit_multigpu.models import lookup_config
     from xdit_multigpu.parallel.apply import parallelize
     from _harness import groups_for
@@ -185,7 +187,8 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     out: dict[str, Any] = {"parallel": [], "reference": {}, "times": [], "fallback": []}
     groups = None
     for case in cases:
-        plan = ParallelPlan(*case.plan)
+        plan = ParallelPlan(*case.plan, attention=AttentionBackend(case.attention))
+        calls = XFuserUSP.calls if case.attention == "xfuser" else 0
         groups = groups_for(plan, groups, rank, world)
         patched = parallelize(base, spec, plan, groups)
         if case.variant == "no_override":  # negative control: local-only attention must be caught
@@ -194,6 +197,7 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
         out["parallel"].append(sample(patched, name, case).numpy())
         out["times"].append(time.perf_counter() - t0)
         out["fallback"].append(any("all-gather" in n for n in notes))
+        out.setdefault("xfuser_calls", []).append(XFuserUSP.calls - calls if case.attention == "xfuser" else 0)
         notes.clear()
     dist.barrier()
     to = base.model_options.get("transformer_options", {})

@@ -8,6 +8,8 @@ few roundoffs and a few steps compound that to about 1e-2. A wrong shard or gath
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.conftest import COMFYUI_PATH
@@ -118,3 +120,37 @@ def test_one_rank_pool_equals_in_process(setup, family):
     print(f"{family}: 1-rank pool vs in-process rel_l2 {rel:.2e}")
     get_engine().release_all()
     assert rel <= 1e-6, rel
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_xfuser_backend_matches_one_gpu(setup, family):
+    """The optional xfuser attention backend on GPUs (its own kernels: FA3 / flash-attn / torch flash)
+    against the one-GPU worker, for Ulysses, Ring and Ulysses x Ring plans given explicitly."""
+    import comfy.sample
+    import torch
+
+    from xdit_multigpu.config import (AttentionBackend, DeviceSet, DispatcherSpec, LoaderKind, LoadSpec,
+                                      ParallelPlan)
+    from xdit_multigpu.engine.engine import get_engine
+    from xdit_multigpu.engine.request import SampleRequest
+    from xdit_multigpu.testing.tiny_models import conditioning_for, empty_latent
+
+    tiny = setup[family]
+    latent = empty_latent(tiny, 512, 512)["samples"]
+    req = SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
+                        positive=conditioning_for(tiny, seed=1), negative=conditioning_for(tiny, seed=2), seed=5,
+                        steps=4, cfg=1.0, sampler_name="euler", scheduler="simple")
+    load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, tiny.path, unet_config_json=tiny.unet_config_json)
+    ref = _one_gpu_worker(load, family, req)
+    plans = [(2, (1, 2, 1)), (2, (1, 1, 2)), (4, (1, 2, 2)), (4, (1, 1, 4))]
+    for n, degrees in plans:
+        if torch.cuda.device_count() < n:
+            continue
+        pool = get_engine().pool(DispatcherSpec(load, DeviceSet.parse(",".join(map(str, range(n))), n), family=family))
+        for backend in AttentionBackend:
+            plan = ParallelPlan(*degrees, attention=backend)
+            got = pool.sample(dataclasses.replace(req, plan=plan), timeout=300).float()
+            rel = float((got - ref).norm() / ref.norm())
+            print(f"{family} {plan.describe()} {backend.value}: rel_l2 {rel:.2e}")
+            assert rel <= REL_L2, (plan.describe(), backend.value, rel)
+    get_engine().release_all()

@@ -223,3 +223,15 @@ def test_timeouts_from_env(monkeypatch, value, ok):
 def test_get_engine_is_process_wide(monkeypatch):
     monkeypatch.setattr(engine_mod, "_engine", None)
     assert engine_mod.get_engine() is engine_mod.get_engine()
+
+
+def test_attention_backend_from_env_travels_with_the_plan(monkeypatch):
+    from xdit_multigpu.config import AttentionBackend
+
+    monkeypatch.setenv("XDIT_ATTENTION_BACKEND", "xfuser")
+    f = Factory()
+    out = Engine(T, f).sample(spec(cuda(0, 1)), REQ, SD3, 24, False, "MODEL")
+    assert f.pools[0].plans[-1].attention is AttentionBackend.XFUSER and "xfuser attention" in out.plan.describe()
+    monkeypatch.setenv("XDIT_ATTENTION_BACKEND", "sage")
+    with pytest.raises(ConfigError, match="XDIT_ATTENTION_BACKEND"):  # before any pool starts
+        Engine(T, Factory()).sample(spec(cuda(0, 1)), REQ, SD3, 24, False, "MODEL")

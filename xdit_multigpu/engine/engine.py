@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DeviceKind, DispatcherSpec, ParallelPlan
+from ..config import AttentionBackend, DeviceKind, DispatcherSpec, ParallelPlan
 from ..errors import WorkerError
 from ..executor.base import ProgressHook
 from ..executor.local import LocalExecutor
@@ -150,6 +150,7 @@ class Engine:
         fallback = functools.partial(self._fallback, req, fallback_patcher, timings=timings, progress=progress)
         world = spec.devices.world_size
         axes = model_spec.axes if model_spec is not None else frozenset()
+        attention = AttentionBackend.from_env()  # a bad value is the user's to fix, not a fallback
         plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes)
         if world == 0:
             return fallback("no GPU is visible (gpu_devices is \"all\")")
@@ -171,6 +172,7 @@ class Engine:
         timings["pool_s"] = round(time.perf_counter() - t0, 3)
         if pool.fast_link_group:
             plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group)
+        plan = dataclasses.replace(plan, attention=attention)
         t1 = time.perf_counter()
         executor = getattr(pool, "executor", None)
         if hasattr(executor, "abort_check"):

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..config import AttentionBackend
+from ..errors import ConfigError
 from .comm import all_gather_uneven
 from .groups import ParallelGroups
 from .kernels import Kernel, select_kernel, verify_lse
@@ -82,7 +84,19 @@ class SequenceAttention:
         self.groups = groups
         plan = groups.plan
         self.ulysses = plan.ulysses
-        self._usp = _long_context_attention(groups.ulysses or groups.solo, groups.ring or groups.solo)
+        uly_pg, ring_pg = groups.ulysses or groups.solo, groups.ring or groups.solo
+        self._xfuser = None
+        if plan.attention is AttentionBackend.XFUSER:
+            from .xfuser_attention import XFuserUSP  # noqa: PLC0415  (optional dependency)
+
+            try:
+                self._xfuser = XFuserUSP(uly_pg, ring_pg, plan.ring, select_kernel)
+            except ImportError as e:
+                raise ConfigError(
+                    "XDIT_ATTENTION_BACKEND", f"is xfuser, but xfuser's attention cannot be loaded here ({e})",
+                    "pip install xfuser (with its GPU dependencies), or unset XDIT_ATTENTION_BACKEND",
+                ) from e
+        self._usp = _long_context_attention(uly_pg, ring_pg)
         self._verified: set[tuple[str, torch.dtype, int]] = set()
         self._warned_fallback = False
 
@@ -96,6 +110,8 @@ class SequenceAttention:
 
     def usp(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int) -> torch.Tensor:
         """q/k/v ``(B, T + L_local, H, D)`` ([text | image]) -> same layout, exact over the full image."""
+        if self._xfuser is not None:
+            return self._xfuser(q, k, v, text)
         heads = q.shape[2]
         per = heads // self.ulysses
         h0 = self.groups.ulysses_rank * per
