@@ -116,6 +116,34 @@ HUNYUAN_DIT = register(
     )
 )
 
+LUMINA2 = register(
+    ModelSpec(
+        name="lumina2",
+        display="Lumina 2 / Z-Image (NextDiT)",
+        config_classes=("Lumina2", "ZImage"),
+        axes=_SP,
+        heads=lambda cfg: int(cfg.get("n_heads") or 32),  # NextDiT default; detection sets 24 / 30
+        hook="object patches: noise_refiner.i (shard, slice RoPE) + layers.i (caption replicated, gather after "
+        "the last) + attention override",
+        sequence_parallel=LazyInstaller("xdit_multigpu.models.lumina", "install_sequence_parallel"),
+        notes="caption refiner runs whole on every rank; Z-Image (30 heads): Ulysses 2 / 3 / 5, rest on Ring",
+    )
+)
+
+WAN_T2V = register(
+    ModelSpec(
+        name="wan",
+        display="Wan 2.1 / 2.2 T2V (video)",
+        config_classes=("WAN21_T2V", "WAN22_T2V"),
+        axes=_SP,
+        heads=lambda cfg: int(cfg.get("num_heads") or 16),  # WanModel default; detection sets dim // 128
+        hook="dit double_block replace on every block (shard video tokens, slice RoPE / per-frame vec, gather) "
+        "+ blocks.i.cross_attn object patch (text cross-attention stays local) + attention override",
+        sequence_parallel=LazyInstaller("xdit_multigpu.models.wan", "install_sequence_parallel"),
+        notes="text-to-video only (Wan 2.2 A14B loads as WAN21_T2V); I2V / VACE / camera / S2V are refused",
+    )
+)
+
 CHROMA = register(
     ModelSpec(
         name="chroma",

@@ -1,0 +1,126 @@
+"""Lumina 2 / Z-Image (ComfyUI's ``NextDiT``, ``comfy/ldm/lumina/model.py``) sequence parallel.
+
+``NextDiT.patchify_and_embed`` builds, in this order: the caption tokens (padded to a multiple by
+``cap_pad_token`` on Z-Image), the image tokens (padded the same way by ``x_pad_token``), one RoPE table
+``freqs_cis`` over ``[caption | image]`` (3 axes: caption index, row, column), then runs
+
+* ``context_refiner`` blocks: caption-only self-attention (with the caption mask): NOT sharded, every
+  rank runs them whole (cheap; the caption is replicated as in every family);
+* ``noise_refiner`` blocks: image-only self-attention, RoPE ``freqs_cis[:, T:]``: sharded;
+* ``layers``: joint self-attention over ``cat(caption, image)`` with the full ``freqs_cis``: caption
+  replicated, image tokens sharded.
+
+Every ``JointTransformerBlock.forward(x, x_mask, freqs_cis, adaln_input, transformer_options)`` receives
+``transformer_options`` and its attention calls ``optimized_attention_masked(..., skip_reshape=True,
+transformer_options=...)``, so the generic attention override does the distributed attention. No block
+replace exists in NextDiT, so the blocks are hooked with bound-method object patches
+(``ModelPatcher.add_object_patch``; parameters and state-dict keys unchanged, LoRA keeps working):
+
+1. ``noise_refiner.0``: opens the per-forward ``SequenceState`` in ``transformer_options`` (T = 0:
+   image-only attention) and shards ``x`` -- every image token, padding tokens included (they are
+   attended unmasked on one device too). Every noise-refiner block gets its RoPE rows sliced.
+2. ``layers.i``: ``x`` arrives as ``[caption (T, whole) | local image]``; T = ``freqs_cis`` rows minus
+   the image tokens. The state's text length is set to T and the RoPE table becomes
+   ``[caption rows | local image rows]``. The last layer gathers the image rows, so ``norm_final``,
+   ``final_layer`` and ``unpatchify`` see the full stream on every rank.
+3. A ``DIFFUSION_MODEL`` wrapper removes the state before and after every forward, so the caption
+   refiner never sees a live state (not even after a forward that raised).
+
+The refiners attention calls ``x_mask`` is None for image tokens and the joint layers (ComfyUI passes
+``mask=None`` there), so the USP path applies; the caption mask only reaches the unsharded caption
+refiner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..parallel.hooks import install_attention_override, patch_method
+from ..parallel.sequence import STATE_KEY, SequenceParallel, SequenceState, state_of
+
+MODEL = "diffusion_model"
+WRAPPER_KEY = "xdit_multigpu.lumina_sequence_parallel"
+
+
+def _live(transformer_options: Any) -> SequenceState | None:
+    state = state_of(transformer_options)
+    return state if state is not None and state.active else None
+
+
+class _JointRope:
+    """``[caption rows | this rank's image rows]`` of one forward's ``freqs_cis`` (computed once per
+    forward: every joint layer receives the same tensor)."""
+
+    def __init__(self) -> None:
+        self.source: torch.Tensor | None = None
+        self.local: torch.Tensor | None = None
+
+    def get(self, ctx: SequenceParallel, state: SequenceState, freqs: torch.Tensor, text: int) -> torch.Tensor:
+        if self.source is not freqs:
+            image = ctx.slice_like(state, freqs[:, text:], dim=1)
+            self.source, self.local = freqs, torch.cat((freqs[:, :text], image), dim=1)
+        assert self.local is not None
+        return self.local
+
+
+def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
+    """Install NextDiT sequence parallel on ``patcher`` (a clone). See the module docstring."""
+    import comfy.patcher_extension  # noqa: PLC0415  (the package imports without ComfyUI)
+
+    dm = patcher.model.diffusion_model
+    n_refiner, n_layers = len(dm.noise_refiner), len(dm.layers)
+    if n_refiner == 0 or n_layers == 0:
+        raise UnsupportedModelError(
+            "model", f"this NextDiT has {n_refiner} noise-refiner and {n_layers} joint layers; sequence parallel "
+            "shards the image at the first noise-refiner block", "Choose CFG parallel for this model")
+    last = n_layers - 1
+    rope = _JointRope()
+
+    def diffusion_model(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        options = kwargs.get("transformer_options") or {}
+        options.pop(STATE_KEY, None)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            options.pop(STATE_KEY, None)
+            rope.source = rope.local = None
+
+    def noise_refiner(index: int) -> Any:
+        def block(module: Any, original: Any, x: torch.Tensor, x_mask: Any, freqs_cis: torch.Tensor,
+                  adaln_input: Any = None, transformer_options: Any = None) -> torch.Tensor:
+            options = transformer_options if transformer_options is not None else {}
+            if index == 0:
+                x = ctx.shard(ctx.begin(options, text_len=0), x, dim=1)
+            state = _live(options)
+            if state is not None:
+                freqs_cis = ctx.slice_like(state, freqs_cis, dim=1)
+            return original(x, x_mask, freqs_cis, adaln_input, transformer_options=options)
+
+        return block
+
+    def joint_layer(index: int) -> Any:
+        def block(module: Any, original: Any, x: torch.Tensor, x_mask: Any, freqs_cis: torch.Tensor,
+                  adaln_input: Any = None, transformer_options: Any = None) -> torch.Tensor:
+            options = transformer_options if transformer_options is not None else {}
+            state = _live(options)
+            if state is None or state.shard is None:
+                return original(x, x_mask, freqs_cis, adaln_input, transformer_options=options)
+            text = freqs_cis.shape[1] - state.shard.full  # caption tokens (incl. padding), replicated
+            state.text_len = text
+            out = original(x, x_mask, rope.get(ctx, state, freqs_cis, text), adaln_input, transformer_options=options)
+            if index == last:
+                out = torch.cat((out[:, :text], ctx.gather(state, out[:, text:], dim=1)), dim=1)
+                options.pop(STATE_KEY, None)
+            return out
+
+        return block
+
+    install_attention_override(patcher, ctx.attention_override)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model)
+    for i in range(n_refiner):
+        patch_method(patcher, f"{MODEL}.noise_refiner.{i}", noise_refiner(i))
+    for i in range(n_layers):
+        patch_method(patcher, f"{MODEL}.layers.{i}", joint_layer(i))
