@@ -1,0 +1,154 @@
+"""Rank-side code for Chroma and Qwen-Image: tiny fp32 models, cases, one-device references.
+
+Same protocol as ``_cases.run_cases`` (every rank runs each case's plan through ``parallelize`` +
+ComfyUI's ``comfy.sample.sample``; rank 0 then computes the one-device references in the same process,
+after the parallel runs). The models are the tiny recipes of ``xdit_multigpu.testing.tiny_models_chroma_qwen``
+built from their explicit unet_config through ComfyUI's own ``supported_models.Chroma`` / ``QwenImage``
+(detection hard-codes 3072-wide layouts), with fp32 weights from ``_cases._init_weights``.
+
+Variants (besides ``_cases``' ``neg_text`` / ``no_override``):
+
+* ``mask`` (Chroma): a full-square ``[txt | img]`` attention mask through ``attention_mask`` +
+  ``attention_mask_img_shape`` (``model_base.Flux.extra_conds``, which Chroma inherits);
+* ``ref`` / ``ref_odd`` (Qwen-Image): Qwen-Image-Edit reference latents appended to the image stream
+  (``ref_odd``: 3 x 5 reference tokens, positive only -> uneven shards, cond / uncond of different length);
+* ``wrong_rope`` (negative control of the RoPE cut): every rank gets the image RoPE rows of sp rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+from _cases import TEXT_LEN, Case, _init_weights, drop_sequence_attention, flux_mask, methods_restored
+
+
+def build_model(name: str) -> Any:
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import torch
+
+    from xdit_multigpu.testing.tiny_models_chroma_qwen import CHROMA_TINY, QWEN_IMAGE_TINY
+
+    cls, config = {"chroma": (sm.Chroma, CHROMA_TINY), "qwen_image": (sm.QwenImage, QWEN_IMAGE_TINY)}[name]
+    mc = cls(dict(config))
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({}, "")
+    _init_weights(model.diffusion_model, seed=7)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def conds(name: str, case: Case) -> tuple[list[Any], list[Any]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    # Chroma (T5 only): CLIPTextEncode gives pooled_output None, and model_base.Flux reads the key
+    base = {"pooled_output": None} if name == "chroma" else {}
+    pos = [[torch.randn(1, TEXT_LEN, 64, generator=gen), dict(base)]]
+    neg = [[torch.randn(1, TEXT_LEN - 3 if case.variant == "neg_text" else TEXT_LEN, 64, generator=gen), dict(base)]]
+    if case.variant == "mask":
+        extra = {"attention_mask": flux_mask(case), "attention_mask_img_shape": (case.size // 2, case.size // 2)}
+        pos, neg = [[c, {**d, **extra}] for c, d in pos], [[c, {**d, **extra}] for c, d in neg]
+    elif case.variant in ("ref", "ref_odd"):
+        h, w = (6, 10) if case.variant == "ref_odd" else (8, 8)
+        ref = torch.randn(1, 16, 1, h, w, generator=gen)  # a VAE-encoded image, Wan21 latent layout
+        pos = [[c, {**d, "reference_latents": [ref]}] for c, d in pos]
+        if case.variant == "ref":
+            neg = [[c, {**d, "reference_latents": [ref]}] for c, d in neg]
+    return pos, neg
+
+
+def sample(patcher: Any, name: str, case: Case) -> Any:
+    import comfy.sample
+    import torch
+
+    # 4-D empty latent: fix_empty_latent_channels makes it (1, 16, 1, H, W) for Qwen-Image (Wan21 format)
+    latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, case.size, case.size))
+    seed = 42
+    noise = comfy.sample.prepare_noise(latent, seed)
+    pos, neg = conds(name, case)
+    with torch.inference_mode():
+        return comfy.sample.sample(patcher, noise, case.steps, case.cfg_scale, case.sampler, "simple", pos, neg,
+                                   latent, denoise=case.denoise, seed=seed, disable_pbar=True)
+
+
+NEGATIVE = ("no_override", "wrong_rope")  # negative controls: compared with the plain case's reference
+
+
+def reference_key(case: Case) -> tuple[Any, ...]:
+    return replace(case, variant="" if case.variant in NEGATIVE else case.variant).reference_key
+
+
+def image_tokens(case: Case) -> int:
+    """Tokens of the largest sharded stream of the case (the cond with reference latents, if any)."""
+    ref = {"ref": 16, "ref_odd": 15}.get(case.variant, 0)
+    return (case.size // 2) ** 2 + ref
+
+
+def _wrong_rows(ctx: Any, state: Any, pe: Any, text: int, dim: int = 2) -> Any:
+    """Negative control: text rows + the image rows of sp rank 0 on every rank."""
+    import torch
+
+    return torch.cat((pe.narrow(dim, 0, text), pe.narrow(dim, text, state.shard.local)), dim=dim)
+
+
+def _run_one(patched: Any, name: str, case: Case) -> Any:
+    from xdit_multigpu.models import joint_rope
+
+    if case.variant == "no_override":  # negative control: local-only attention must be caught
+        drop_sequence_attention(patched)
+    if case.variant != "wrong_rope":
+        return sample(patched, name, case)
+    saved = joint_rope.local_rows
+    joint_rope.local_rows = _wrong_rows
+    try:
+        return sample(patched, name, case)
+    finally:
+        joint_rope.local_rows = saved
+
+
+def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[str, Any]:
+    """Rank entry: parallel runs for every case, then (rank 0) the one-device references."""
+    import torch.distributed as dist
+    from _harness import groups_for
+
+    from xdit_multigpu.config import ParallelPlan
+    from xdit_multigpu.models import lookup_config
+    from xdit_multigpu.parallel.apply import parallelize
+    from xdit_multigpu.parallel.hooks import OVERRIDE_KEY
+
+    name, cases = payload
+    notes: list[str] = []  # the attention's one-per-patcher "all-gather path" log line tells which path ran
+    handler = logging.Handler()
+    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
+    attn_log = logging.getLogger("xdit_multigpu.parallel.attention")
+    attn_log.addHandler(handler)
+    attn_log.setLevel(logging.INFO)
+    base = build_model(name)
+    spec = lookup_config(base.model.model_config)
+    assert spec is not None
+    out: dict[str, Any] = {"parallel": [], "reference": {}, "times": [], "fallback": [], "spec": spec.name}
+    groups = None
+    for case in cases:
+        plan = ParallelPlan(*case.plan)
+        groups = groups_for(plan, groups, rank, world)
+        patched = parallelize(base, spec, plan, groups)
+        t0 = time.perf_counter()
+        out["parallel"].append(_run_one(patched, name, case).numpy())
+        out["times"].append(time.perf_counter() - t0)
+        out["fallback"].append(any("all-gather" in n for n in notes))
+        notes.clear()
+    dist.barrier()
+    to = base.model_options.get("transformer_options", {})
+    out["base_untouched"] = (OVERRIDE_KEY not in to and not to.get("patches") and not to.get("patches_replace")
+                             and not any(base.wrappers.values()) and not base.object_patches)
+    if rank == 0:
+        for case in cases:
+            key = reference_key(case)
+            if key not in out["reference"]:
+                out["reference"][key] = sample(base, name, replace(case, variant=key[-1])).numpy()
+        out["methods_restored"] = methods_restored(base.model)
+    return out
