@@ -16,6 +16,7 @@ from tests.conftest import COMFYUI_PATH
 
 pytestmark = pytest.mark.gpu
 REL_L2 = 2e-2
+EXTRA_FAMILIES = ["chroma", "qwen_image"]  # engine equivalence only (test_engine_matches_one_gpu)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def setup(tmp_path_factory):
     import_comfy(COMFYUI_PATH, cpu=False)
     from xdit_multigpu.testing.tiny_models import write_tiny_models
 
-    return write_tiny_models(str(tmp_path_factory.mktemp("tiny")), families=["flux", "sd3"])
+    return write_tiny_models(str(tmp_path_factory.mktemp("tiny")), families=["flux", "sd3", *EXTRA_FAMILIES])
 
 
 def _reference(tiny, req):
@@ -51,7 +52,7 @@ def _one_gpu_worker(load, family, req):
     return pool.sample(req, timeout=300).float()
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", *EXTRA_FAMILIES])
 @pytest.mark.parametrize("strategy", ["Hybrid", "USP"])
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_engine_matches_one_gpu(setup, family, strategy, cfg):
@@ -66,6 +67,8 @@ def test_engine_matches_one_gpu(setup, family, strategy, cfg):
 
     tiny = setup[family]
     latent = empty_latent(tiny, 512, 512)["samples"]
+    if family == "qwen_image":  # Wan21 latent format: (B, 16, 1, H, W), as fix_empty_latent_channels makes it
+        latent = latent.unsqueeze(2)
     req = SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
                         positive=conditioning_for(tiny, seed=1), negative=conditioning_for(tiny, seed=2), seed=5,
                         steps=4, cfg=cfg, sampler_name="euler", scheduler="simple")
