@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import dataclasses
 from dataclasses import dataclass, field
 
 from ._compat import StrEnum
@@ -85,10 +86,17 @@ class DeviceSet:
     kind: DeviceKind
     ids: tuple[int, ...]
     text: str = field(default="", compare=False)
+    groups: tuple[tuple[int, ...], ...] = ()  # explicit GPU groups ("0,1|2,3"); () = not given
 
     @property
     def world_size(self) -> int:
         return len(self.ids)
+
+    def subset(self, ids: tuple[int, ...]) -> DeviceSet:
+        """The devices ``ids`` of this set as a set of their own (one GPU group)."""
+        if self.kind is DeviceKind.CPU:
+            return DeviceSet(self.kind, ids, f"cpu:{len(ids)}")
+        return DeviceSet(self.kind, ids, ",".join(map(str, ids)))
 
     @property
     def backend(self) -> str:
@@ -101,13 +109,43 @@ class DeviceSet:
 
     @classmethod
     def parse(cls, text: str, visible_gpus: int | None) -> DeviceSet:
-        """Parse ``gpu_devices``: ``"0,1,2,3"``, ``"all"``, ``"cpu"`` or ``"cpu:N"``.
+        """Parse ``gpu_devices``: ``"0,1,2,3"``, ``"all"``, ``"cpu"`` or ``"cpu:N"``; ``|`` separates
+        explicit GPU groups (``"0,1|2,3"``, ``"cpu:2|cpu:2"``), each running one generation at a time.
 
         ``visible_gpus`` is the number of CUDA devices the host sees, or None when unknown (joining a
         remote Ray cluster), in which case ids are range-checked when workers start.
         """
-        fld = "gpu_devices"
         raw = (text or "").strip().lower().replace(" ", "")
+        if "|" in raw:
+            return cls._parse_groups(text, raw, visible_gpus)
+        return cls._parse_one(text, raw, visible_gpus)
+
+    @classmethod
+    def _parse_groups(cls, text: str, raw: str, visible_gpus: int | None) -> DeviceSet:
+        fld = "gpu_devices"
+        parts = [cls._parse_one(text, p, visible_gpus) for p in raw.split("|")]
+        kinds = {p.kind for p in parts}
+        if len(kinds) > 1 or "all" in raw.split("|"):
+            raise ConfigError(fld, f'"{text}" mixes "all" or CPU and GPU groups',
+                              'Give every group as GPU indices ("0,1|2,3") or every group as "cpu:N"')
+        if parts[0].kind is DeviceKind.CPU:  # CPU slots are numbered across the groups
+            groups, start = [], 0
+            for p in parts:
+                groups.append(tuple(range(start, start + p.world_size)))
+                start += p.world_size
+            if start > MAX_CPU_RANKS:
+                raise ConfigError(fld, f'"{text}" asks for {start} CPU ranks', f"Use at most {MAX_CPU_RANKS} in all")
+        else:
+            groups = [p.ids for p in parts]
+            flat = [i for g in groups for i in g]
+            dupes = sorted({i for i in flat if flat.count(i) > 1})
+            if dupes:
+                raise ConfigError(fld, f'"{text}" puts GPU {dupes[0]} in more than one group', "List each GPU once")
+        return cls(parts[0].kind, tuple(i for g in groups for i in g), text, tuple(groups))
+
+    @classmethod
+    def _parse_one(cls, text: str, raw: str, visible_gpus: int | None) -> DeviceSet:
+        fld = "gpu_devices"
         if not raw:
             raise ConfigError(fld, "is empty", 'Enter GPU ids such as "0,1", or "all"')
         if raw == "all":
@@ -314,7 +352,40 @@ class DispatcherSpec:
     scheduling: SchedulingStrategy = SchedulingStrategy.ROUND_ROBIN
     family: str = ""
     ray_address: str | None = None
+    group_size: int = 0  # devices per GPU group; 0 = explicit "|" groups, else one group of all devices
+    group_weights: tuple[float, ...] = ()  # weighted_round_robin: one per group; () = measured throughput
 
     def pool_key(self) -> tuple[object, ...]:
         """Identity of the worker pool: same file, same devices, same cluster -> same pool."""
         return (self.load, self.devices, self.ray_address)
+
+    def device_groups(self) -> tuple[DeviceSet, ...]:
+        """The GPU groups, each a ``DeviceSet`` that runs one generation (validated by ``check_groups``)."""
+        dev = self.devices
+        if dev.groups:
+            return tuple(dev.subset(g) for g in dev.groups)
+        if self.group_size > 0 and dev.world_size > self.group_size:
+            n = self.group_size
+            return tuple(dev.subset(dev.ids[i : i + n]) for i in range(0, dev.world_size, n))
+        return (dev,)
+
+    def for_group(self, group: DeviceSet) -> DispatcherSpec:
+        """This spec on one of its groups (what the engine builds one pool for)."""
+        return dataclasses.replace(self, devices=group, group_size=0, group_weights=())
+
+    def check_groups(self) -> None:
+        """Raise ``ConfigError`` (naming the field and the fix) for groups that cannot be formed."""
+        n, size = self.devices.world_size, self.group_size
+        if size < 0:
+            raise ConfigError("gpus_per_group", f"is {size}", "Use 0 (one group, or the groups in gpu_devices) or more")
+        if self.devices.groups and size:
+            raise ConfigError("gpus_per_group", f"is {size} but gpu_devices already gives groups with |",
+                              "Set gpus_per_group to 0, or list the devices without |")
+        if size and n and n % size:
+            raise ConfigError("gpus_per_group", f"is {size}, which does not divide the {n} listed devices",
+                              f"Use a divisor of {n}, or list the groups explicitly as in \"0,1|2,3\"")
+        groups = len(self.device_groups())
+        if self.group_weights:
+            if len(self.group_weights) != groups or any(w <= 0 for w in self.group_weights):
+                raise ConfigError("group_weights", f"gives {len(self.group_weights)} weight(s) for {groups} group(s)",
+                                  f"Give {groups} positive numbers separated by commas, or leave it empty")

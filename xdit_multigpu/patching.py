@@ -100,3 +100,52 @@ def install_free_hook(on_free: Callable[[], None]) -> bool:
         return set_flag
 
     return install(FREE_HOOK, execution.PromptQueue, "set_flag", make)
+
+
+BATCH_NOISE_KEYS = ("xdit.k_diffusion.default_noise_sampler", "xdit.k_diffusion.BrownianTreeNoiseSampler")
+
+
+@contextlib.contextmanager
+def batch_slice_noise(start: int, stop: int, total: int) -> Iterator[None]:
+    """While sampling items ``[start, stop)`` of a ``total``-item batch, make ComfyUI's per-step noise
+    (ancestral / SDE samplers) the rows ``[start, stop)`` of the noise the whole batch would get.
+
+    ``comfy.k_diffusion.sampling`` builds each sampler's noise source from ``x`` and the seed:
+    ``default_noise_sampler(x, seed)`` (one generator over ``x.size()``) and
+    ``BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed, ...)`` (one Brownian tree over ``x``'s shape).
+    Both draw for the whole batch at once, so a group sampling a slice of the batch would draw different
+    noise than the one-device run. Here both are built for the full batch shape and sliced. Only for a
+    worker process (one sampling call at a time); restored on exit.
+    """
+    import comfy.k_diffusion.sampling as kds  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    def full(x: Any) -> Any:
+        if x.shape[0] != stop - start:
+            raise ValueError(f"batch slice [{start}, {stop}) of {total} does not match a batch of {x.shape[0]}")
+        return torch.zeros((total, *x.shape[1:]), dtype=x.dtype, layout=x.layout, device=x.device)
+
+    def make_default(original: Callable[..., Any]) -> Callable[..., Any]:
+        def default_noise_sampler(x: Any, seed: Any = None) -> Callable[[Any, Any], Any]:
+            whole = original(full(x), seed=seed)
+            return lambda sigma, sigma_next: whole(sigma, sigma_next)[start:stop]
+
+        return default_noise_sampler
+
+    def make_tree(original: type) -> type:
+        class SlicedBrownianTreeNoiseSampler(original):  # type: ignore[misc, valid-type]
+            def __init__(self, x: Any, *args: Any, **kwargs: Any) -> None:
+                super().__init__(full(x), *args, **kwargs)
+
+            def __call__(self, sigma: Any, sigma_next: Any) -> Any:
+                return super().__call__(sigma, sigma_next)[start:stop]
+
+        return SlicedBrownianTreeNoiseSampler
+
+    install(BATCH_NOISE_KEYS[0], kds, "default_noise_sampler", make_default)
+    install(BATCH_NOISE_KEYS[1], kds, "BrownianTreeNoiseSampler", make_tree)
+    try:
+        yield
+    finally:
+        for key in BATCH_NOISE_KEYS:
+            remove(key)

@@ -8,13 +8,13 @@ on the host's own MODEL with ComfyUI's sampler, returning the reason so the node
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +36,18 @@ _POOL_ERRORS = (WorkerError, ImportError, RuntimeError, ConnectionError, Timeout
 
 @dataclass(frozen=True)
 class SampleOutcome:
-    """``latent``: rank 0's (or the fallback's) samples, CPU. ``fallback_reason`` is None on the parallel path."""
+    """``latent``: rank 0's (or the fallback's) samples, CPU. ``fallback_reason`` is None on the parallel path.
+    ``groups``: how the work went over GPU groups (several groups only), for the node's status line."""
 
     latent: Any
     plan: ParallelPlan
     fallback_reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    groups: str = ""
+
+
+class Unavailable(Exception):
+    """The workers of a group cannot run this request now; the message says why (shown to the user)."""
 
 
 def _overlaps(a: DispatcherSpec, b_key: tuple[object, ...]) -> bool:
@@ -49,7 +55,8 @@ def _overlaps(a: DispatcherSpec, b_key: tuple[object, ...]) -> bool:
     b_devices = b_key[1]
     if getattr(b_devices, "kind", None) is not a.devices.kind:
         return False
-    return a.devices.kind is DeviceKind.CPU or bool(set(a.devices.ids) & set(b_devices.ids))
+    # CPU ranks are numbered slots: two groups of one "cpu:2|cpu:2" do not compete, two "cpu:2" sets do.
+    return bool(set(a.devices.ids) & set(b_devices.ids))
 
 
 class Engine:
@@ -64,7 +71,9 @@ class Engine:
         self._pool_factory = pool_factory or WorkerPool.start
         self._pools: dict[tuple[object, ...], WorkerPool] = {}
         self._lock = threading.Lock()  # guards _pools only (held briefly)
-        self._run_lock = threading.RLock()  # held while a pool is used, so release_all can wait for it
+        self._pool_locks: dict[tuple[object, ...], threading.Lock] = {}
+        self._jobs = threading.Condition()  # counts running ``sample`` calls, so release_all can wait for them
+        self._active = 0
 
     # -- pools ---------------------------------------------------------------------------------------
     def pool(self, spec: DispatcherSpec) -> WorkerPool:
@@ -101,22 +110,19 @@ class Engine:
         Waits up to ``wait_s`` for a running ``sample`` to finish first, so /free during a job does not
         turn it into a one-device fallback; after that the workers are killed regardless.
         """
-        got = self._run_lock.acquire(timeout=max(0.0, wait_s))
-        try:
-            with self._lock:
-                pools, self._pools = list(self._pools.values()), {}
-            for pool in pools:
-                try:
-                    pool.shutdown()
-                except Exception as e:  # noqa: BLE001  (shutdown must go on for the other pools)
-                    log.warning("xDiT: pool shutdown raised %s: %s", type(e).__name__, e)
-            if stop_ray:
-                from ..executor.cluster import shutdown_cluster
+        with self._jobs:
+            self._jobs.wait_for(lambda: self._active == 0, timeout=max(0.0, wait_s))
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            try:
+                pool.shutdown()
+            except Exception as e:  # noqa: BLE001  (shutdown must go on for the other pools)
+                log.warning("xDiT: pool shutdown raised %s: %s", type(e).__name__, e)
+        if stop_ray:
+            from ..executor.cluster import shutdown_cluster
 
-                shutdown_cluster()
-        finally:
-            if got:
-                self._run_lock.release()
+            shutdown_cluster()
 
     # -- sampling ------------------------------------------------------------------------------------
     def sample(
@@ -132,66 +138,97 @@ class Engine:
         """Sample ``req`` over ``spec.devices``; on any worker failure, on ``fallback_patcher`` with a reason.
 
         ``ConfigError`` (e.g. CFG strategy on 4 devices) is raised, not hidden by the fallback: the user
-        must change a widget. ``req.plan`` is ignored and replaced by the planner's. Holds the run lock
-        so that ``release_all`` waits (bounded) for the job instead of killing it.
+        must change a widget. ``req.plan`` is ignored and replaced by the planner's. Several GPU groups
+        (``spec.device_groups()``) go through the group dispatcher (``dispatch.py``): a batch is split
+        over them, a single image goes to the group the scheduling policy picks.
         ``progress``: where rank 0's steps go; None: ComfyUI's progress bar and previews, when ComfyUI
         is loaded in this process (``comfy_progress``).
         """
         if progress is None:
             progress = comfy_progress(fallback_patcher, req.steps)
-        with self._run_lock:
-            return self._sample(spec, req, model_spec, heads, cfg_active, fallback_patcher, progress)
+        spec.check_groups()
+        with self._job():
+            if len(spec.device_groups()) > 1:
+                from .dispatch import dispatcher_for  # noqa: PLC0415
 
-    def _sample(
+                return dispatcher_for(self, spec).sample(req, model_spec, heads, cfg_active, fallback_patcher, progress)
+            timings: dict[str, float] = {}
+            try:
+                return self.sample_group(spec, req, model_spec, heads, cfg_active, progress, timings)
+            except Unavailable as e:
+                return self.fallback(req, fallback_patcher, str(e), timings, progress)
+
+    def sample_group(
         self, spec: DispatcherSpec, req: SampleRequest, model_spec: Any, heads: int, cfg_active: bool,
-        fallback_patcher: Any, progress: ProgressHook | None = None,
+        progress: ProgressHook | None, timings: dict[str, float],
     ) -> SampleOutcome:
-        timings: dict[str, float] = {}
-        fallback = functools.partial(self._fallback, req, fallback_patcher, timings=timings, progress=progress)
+        """``req`` on the pool of ``spec.devices`` (one group). Raises ``Unavailable`` with the reason
+        when the workers cannot do it (the caller falls back or re-dispatches); ``ConfigError`` as is."""
         world = spec.devices.world_size
         axes = model_spec.axes if model_spec is not None else frozenset()
         attention = AttentionBackend.from_env()  # a bad value is the user's to fix, not a fallback
         plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes)
         if world == 0:
-            return fallback("no GPU is visible (gpu_devices is \"all\")")
+            raise Unavailable("no GPU is visible (gpu_devices is \"all\")")
         if model_spec is None:
-            return fallback("this model has no parallel support")
+            raise Unavailable("this model has no parallel support")
         try:
             import ray  # noqa: F401, PLC0415
         except ImportError:
-            return fallback("Ray is not installed (pip install ray)")
+            raise Unavailable("Ray is not installed (pip install ray)") from None
         if plan.world_size < world:
             # e.g. a CFG-only model on 4 GPUs: start only the ranks the plan uses, leave the rest free.
-            spec = dataclasses.replace(spec, devices=dataclasses.replace(spec.devices, ids=spec.devices.ids[: plan.world_size]))
+            spec = dataclasses.replace(spec, devices=spec.devices.subset(spec.devices.ids[: plan.world_size]))
             world = plan.world_size
-        t0 = time.perf_counter()
-        try:
-            pool = self.pool(spec)
-        except _POOL_ERRORS as e:
-            return fallback(f"workers did not start: {e}")
-        timings["pool_s"] = round(time.perf_counter() - t0, 3)
-        if pool.fast_link_group:
-            plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group)
-        plan = dataclasses.replace(plan, attention=attention)
-        t1 = time.perf_counter()
+        with self._pool_lock(spec.pool_key()):
+            t0 = time.perf_counter()
+            try:
+                pool = self.pool(spec)
+            except _POOL_ERRORS as e:
+                raise Unavailable(f"workers did not start: {e}") from e
+            timings["pool_s"] = round(time.perf_counter() - t0, 3)
+            if pool.fast_link_group:
+                plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group)
+            plan = dataclasses.replace(plan, attention=attention)
+            latent = self._run_pool(spec, pool, dataclasses.replace(req, plan=plan), progress)
+        timings["sample_s"] = round(time.perf_counter() - t0 - timings["pool_s"], 3)
+        log.info("xDiT: %s (%s) in %.1f s", plan.describe(), plan.reason, timings["sample_s"])
+        return SampleOutcome(latent, plan, None, timings)
+
+    def _run_pool(self, spec: DispatcherSpec, pool: WorkerPool, req: SampleRequest, progress: ProgressHook | None) -> Any:
         executor = getattr(pool, "executor", None)
         if hasattr(executor, "abort_check"):
             executor.abort_check = _comfy_interrupted  # ComfyUI's cancel stops the workers
         try:
-            latent = pool.sample(dataclasses.replace(req, plan=plan), self.timeouts.sample_s, on_progress=progress)
+            return pool.sample(req, self.timeouts.sample_s, on_progress=progress)
         except WorkerInterrupted:
             self._drop(spec.pool_key())
             _raise_comfy_interrupt()
             raise
         except _POOL_ERRORS as e:
             self._drop(spec.pool_key())
-            return fallback(f"parallel sampling failed: {e}")
+            raise Unavailable(f"parallel sampling failed: {e}") from e
         except BaseException:
             self._drop(spec.pool_key())  # e.g. ComfyUI's interrupt raised by the progress bar: workers are gone
             raise
-        timings["sample_s"] = round(time.perf_counter() - t1, 3)
-        log.info("xDiT: %s (%s) in %.1f s", plan.describe(), plan.reason, timings["sample_s"])
-        return SampleOutcome(latent, plan, None, timings)
+
+    # -- concurrency ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _job(self) -> Iterator[None]:
+        """Count a running ``sample`` so that ``release_all`` waits (bounded) for it."""
+        with self._jobs:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._jobs:
+                self._active -= 1
+                self._jobs.notify_all()
+
+    def _pool_lock(self, key: tuple[object, ...]) -> threading.Lock:
+        """One lock per pool: a pool serves one request at a time; different groups run concurrently."""
+        with self._lock:
+            return self._pool_locks.setdefault(key, threading.Lock())
 
     def sample_ksampler(
         self,
@@ -227,8 +264,8 @@ class Engine:
         heads = model_spec.heads(model_config.unet_config) if model_spec is not None else 0
         return self.sample(spec, req, model_spec, heads, cfg_active, model)
 
-    def _fallback(self, req: SampleRequest, patcher: Any, reason: str, timings: dict[str, float],
-                  progress: ProgressHook | None = None) -> SampleOutcome:
+    def fallback(self, req: SampleRequest, patcher: Any, reason: str, timings: dict[str, float],
+                 progress: ProgressHook | None = None) -> SampleOutcome:
         """The same request on the host's MODEL, in-process, with ComfyUI's sampler."""
         log.warning("xDiT: sampling on one device: %s", reason)
         if patcher is None:

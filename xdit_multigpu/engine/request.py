@@ -7,6 +7,7 @@ loads itself from the model file; the request is pickled once per call. A model 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,19 @@ from ..config import ParallelPlan
 
 if TYPE_CHECKING:
     from .model_delta import ModelDelta
+
+
+@dataclass(frozen=True)
+class BatchSlice:
+    """Items ``[start, stop)`` of a ``total``-item latent batch (data parallel over GPU groups)."""
+
+    start: int
+    stop: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop <= self.total:
+            raise ValueError(f"bad batch slice [{self.start}, {self.stop}) of {self.total}")
 
 
 @dataclass(frozen=True)
@@ -44,3 +58,22 @@ class SampleRequest:
     # The MODEL's modifications (LoRA, ModelSampling, model_options...) for workers that loaded the plain
     # file; None for an unmodified MODEL and for the in-process fallback (its MODEL already carries them).
     delta: ModelDelta | None = None
+    # Set when this request is one slice of a batch split over GPU groups: noise / latent / mask hold only
+    # the slice, and per-step sampler noise is drawn for the whole batch and sliced (``batch_slice_noise``).
+    batch: BatchSlice | None = None
+
+    def slice(self, start: int, stop: int) -> SampleRequest:
+        """This request for batch items ``[start, stop)`` only (each item keeps exactly its own noise)."""
+        total = int(self.noise.shape[0])
+        mask = self.noise_mask
+        if mask is not None and self.noise.ndim == 4:
+            # ComfyUI's prepare_mask -> reshape_mask: (-1, 1, H, W), resized per item, tiled over the batch.
+            flat = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+            if flat.shape[0] > 1:
+                import comfy.utils  # noqa: PLC0415  (only in ComfyUI's process)
+
+                mask = comfy.utils.repeat_to_batch_size(flat, total)[start:stop]
+        return dataclasses.replace(
+            self, noise=self.noise[start:stop], latent_image=self.latent_image[start:stop], noise_mask=mask,
+            batch=BatchSlice(start, stop, total),
+        )

@@ -72,7 +72,8 @@ def sample_latent(model: Any, spec: DispatcherSpec, seed: int, steps: int, cfg: 
         out["samples"] = outcome.latent
         if outcome.fallback_reason is None:
             carried = f", with {described.delta.summary}" if described.delta is not None else ""
-            status = f"xDiT: {outcome.plan.describe()} ({spec.devices.describe()}){carried}, {took:.1f} s"
+            groups = f"; {outcome.groups}" if outcome.groups else ""
+            status = f"xDiT: {outcome.plan.describe()} ({spec.devices.describe()}){carried}{groups}, {took:.1f} s"
             return SampleResult(out, status, True)
         # The engine already sampled on one device (same call as the stock path) after a worker failure.
         return SampleResult(out, _one_device(outcome.fallback_reason, took), False)

@@ -50,12 +50,23 @@ class Policy(abc.ABC):
         self.in_flight = [0] * n_groups
 
     @abc.abstractmethod
-    def pick(self) -> int:
-        """Group index for the next single work unit."""
+    def pick(self, available: Sequence[bool] | None = None) -> int:
+        """Group index for the next single work unit, among the ``available`` ones (default: all)."""
 
-    def split(self, batch: int) -> list[int]:
-        """Items of a batch per group (sums to ``batch``); default: equal shares."""
-        return proportional_split(batch, [1.0] * self.n_groups)
+    def weights(self) -> list[float]:
+        """Relative share of a batch per group; default: equal."""
+        return [1.0] * self.n_groups
+
+    def split(self, batch: int, available: Sequence[bool] | None = None) -> list[int]:
+        """Items of a batch per group (sums to ``batch``; 0 for groups that are not ``available``)."""
+        ok = self._available(available)
+        return proportional_split(batch, [w if a else 0.0 for w, a in zip(self.weights(), ok)])
+
+    def _available(self, available: Sequence[bool] | None) -> list[bool]:
+        ok = [True] * self.n_groups if available is None else list(available)
+        if len(ok) != self.n_groups or not any(ok):
+            raise ValueError(f"need {self.n_groups} availability flags with at least one True, got {ok}")
+        return ok
 
     def started(self, group: int, items: int = 1) -> None:
         self.in_flight[group] += items
@@ -72,15 +83,19 @@ class RoundRobin(Policy):
         super().__init__(n_groups)
         self._next = 0
 
-    def pick(self) -> int:
+    def pick(self, available: Sequence[bool] | None = None) -> int:
+        ok = self._available(available)
+        while not ok[self._next]:  # a group that is down loses its turn
+            self._next = (self._next + 1) % self.n_groups
         g = self._next
         self._next = (self._next + 1) % self.n_groups
         return g
 
 
 class LeastLoaded(Policy):
-    def pick(self) -> int:
-        return min(range(self.n_groups), key=lambda i: (self.in_flight[i], i))
+    def pick(self, available: Sequence[bool] | None = None) -> int:
+        ok = self._available(available)
+        return min((i for i in range(self.n_groups) if ok[i]), key=lambda i: (self.in_flight[i], i))
 
 
 class _Throughput:
@@ -120,16 +135,14 @@ class WeightedRoundRobin(Policy):
     def weights(self) -> list[float]:
         return list(self.fixed) if self.fixed is not None else self.speed.known()
 
-    def pick(self) -> int:
-        w = self.weights()
+    def pick(self, available: Sequence[bool] | None = None) -> int:
+        ok = self._available(available)
+        w = [x if a else 0.0 for x, a in zip(self.weights(), ok)]
         for i in range(self.n_groups):
             self._current[i] += w[i]
-        g = max(range(self.n_groups), key=lambda i: (self._current[i], -i))
+        g = max((i for i in range(self.n_groups) if ok[i]), key=lambda i: (self._current[i], -i))
         self._current[g] -= sum(w)
         return g
-
-    def split(self, batch: int) -> list[int]:
-        return proportional_split(batch, self.weights())
 
     def finished(self, group: int, items: int, seconds: float) -> None:
         super().finished(group, items, seconds)
@@ -143,12 +156,13 @@ class Adaptive(Policy):
         super().__init__(n_groups)
         self.speed = _Throughput(n_groups, alpha)
 
-    def pick(self) -> int:
+    def pick(self, available: Sequence[bool] | None = None) -> int:
+        ok = self._available(available)
         rates = self.speed.known()
-        return min(range(self.n_groups), key=lambda i: ((self.in_flight[i] + 1) / rates[i], i))
+        return min((i for i in range(self.n_groups) if ok[i]), key=lambda i: ((self.in_flight[i] + 1) / rates[i], i))
 
-    def split(self, batch: int) -> list[int]:
-        return proportional_split(batch, self.speed.known())
+    def weights(self) -> list[float]:
+        return self.speed.known()
 
     def finished(self, group: int, items: int, seconds: float) -> None:
         super().finished(group, items, seconds)

@@ -108,7 +108,12 @@ def run_sampler(patcher: Any, req: SampleRequest, callback: Any = None, disable_
     import torch
 
     with torch.inference_mode():
-        return _sample(patcher, req, callback, disable_pbar)
+        if req.batch is None or req.batch.total == req.batch.stop - req.batch.start:
+            return _sample(patcher, req, callback, disable_pbar)
+        from ..patching import batch_slice_noise
+
+        with batch_slice_noise(req.batch.start, req.batch.stop, req.batch.total):
+            return _sample(patcher, req, callback, disable_pbar)
 
 
 def _sample(patcher: Any, req: SampleRequest, callback: Any, disable_pbar: bool) -> Any:
