@@ -18,5 +18,5 @@ def test_readme_contains_rendered_matrix() -> None:
 
 def test_every_family_has_a_row() -> None:
     table = render()
-    for name in ("Flux", "SD3", "SDXL", "PixArt", "HunyuanDiT"):
+    for name in ("Flux", "SD3", "SDXL", "PixArt", "HunyuanDiT", "Chroma", "Qwen-Image"):
         assert f"| {name}" in table
