@@ -17,7 +17,7 @@ def test_vae_on_chosen_device_decodes_like_stock(tiny_models):
 
     name = os.path.basename(tiny_models["vae16"].path)
     (stock,) = nodes.VAELoader().load_vae(name)
-    (ours,) = XDiTVAELoader().load(name, "cpu")
+    (ours,) = XDiTVAELoader().load(name, "cpu")["result"]
     assert ours.device == torch.device("cpu") and ours.patcher.load_device == torch.device("cpu")
     latent = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(stock.decode(latent), ours.decode(latent))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import threading
 
 from .. import patching
@@ -24,6 +25,12 @@ def release_pools() -> None:
         get_engine().release_all()
     except Exception:  # noqa: BLE001  (shutdown path: log, never raise into ComfyUI)
         log.exception("[xDiT] releasing worker pools failed")
+    vae = sys.modules.get("xdit_multigpu.engine.vae")  # loaded only once a parallel VAE was made
+    if vae is not None:
+        try:
+            vae.release_replicas()
+        except Exception:  # noqa: BLE001  (shutdown path: log, never raise into ComfyUI)
+            log.exception("[xDiT] releasing the parallel VAE's device copies failed")
 
 
 def install_host_hooks() -> None:

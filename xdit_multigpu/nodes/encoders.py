@@ -6,13 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import parse_encoder_device
+from ..config import VAEParallelConfig, parse_encoder_device, parse_vae_parallel
 from ..errors import ConfigError
 from .common import CATEGORY
 
 TIP_DEVICE = (
     'Where this model runs: "default" (ComfyUI decides, as the stock loader), "cpu", or a GPU index such as '
     '"1" to keep the sampling GPUs free.'
+)
+TIP_PARALLEL = (
+    'Empty (default): the stock VAE. GPU indices such as "0,1,2,3" (or "all"): tiled decode / encode of '
+    "large images is spread over these GPUs, with results equal to ComfyUI's tiled VAE with the same tile "
+    "settings (VAE Decode (Tiled), VAE Encode (Tiled), and VAE Decode / Encode of images too large to do "
+    'whole). One GPU = the stock VAE. "cpu:2" runs two CPU slots (for tests).'
 )
 
 
@@ -64,12 +70,15 @@ def _load_clip(names: list[str], clip_type_name: str, device: str) -> Any:
 
 
 class XDiTVAELoader:
-    """Stock ``VAELoader`` + device."""
+    """Stock ``VAELoader`` + device + tiles spread over ``parallel_devices``."""
 
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("VAE",)
-    DESCRIPTION = "Loads a VAE (as the stock Load VAE) on a device of your choice."
+    DESCRIPTION = (
+        "Loads a VAE (as the stock Load VAE) on a device of your choice; optionally spreads the tiles of large "
+        "decodes / encodes over several GPUs (parallel_devices)."
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -80,37 +89,76 @@ class XDiTVAELoader:
             "required": {
                 "vae_name": (names, {"tooltip": "VAE file (models/vae) or a TAESD preview decoder."}),
                 "device": ("STRING", {"default": "default", "tooltip": TIP_DEVICE}),
-            }
+            },
+            # optional: prompts saved before this input existed still validate (empty = off)
+            "optional": {"parallel_devices": ("STRING", {"default": "", "tooltip": TIP_PARALLEL})},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, device: str) -> bool | str:
-        return _validate_device(device)
+    def VALIDATE_INPUTS(cls, device: str, parallel_devices: str = "") -> bool | str:
+        ok = _validate_device(device)
+        if ok is not True:
+            return ok
+        try:
+            parse_vae_parallel(parallel_devices, _visible_gpus())
+        except ConfigError as e:
+            return str(e)
+        return True
 
-    def load(self, vae_name: str, device: str) -> tuple[Any]:
-        import os
-
-        import comfy.sd
-        import comfy.utils
-        import folder_paths
+    def load(self, vae_name: str, device: str, parallel_devices: str = "") -> dict[str, Any]:
         import nodes
-        import torch
 
         dev = _device(device)
-        if dev is None:
-            return nodes.VAELoader().load_vae(vae_name)
-        stock = nodes.VAELoader()
-        # The same state dict the stock loader builds for each kind of name, then the VAE on ``dev``.
-        if vae_name == "pixel_space":
-            sd = {"pixel_space_vae": torch.tensor(1.0)}
-        elif vae_name in stock.image_taes:
-            sd = stock.load_taesd(vae_name)
+        par = parse_vae_parallel(parallel_devices, _visible_gpus())
+        vae = nodes.VAELoader().load_vae(vae_name)[0] if dev is None else _load_vae_on(vae_name, dev)
+        if par is None:
+            one = " (parallel_devices: one device = the stock VAE)" if parallel_devices.strip() else ""
+            status = f"VAE on {vae.device}{one}"
         else:
-            folder = "vae_approx" if os.path.splitext(vae_name)[0] in stock.video_taes else "vae"
-            sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise(folder, vae_name))
-        vae = comfy.sd.VAE(sd=sd, device=dev)
-        vae.throw_exception_if_invalid()
-        return (vae,)
+            vae, status = _parallel(vae, par)
+        return {"ui": {"text": [status]}, "result": (vae,)}
+
+
+def _load_vae_on(vae_name: str, dev: Any) -> Any:
+    """The stock loader's state dict for each kind of name, then the VAE on ``dev``."""
+    import os
+
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    import nodes
+    import torch
+
+    stock = nodes.VAELoader()
+    if vae_name == "pixel_space":
+        sd = {"pixel_space_vae": torch.tensor(1.0)}
+    elif vae_name in stock.image_taes:
+        sd = stock.load_taesd(vae_name)
+    else:
+        folder = "vae_approx" if os.path.splitext(vae_name)[0] in stock.video_taes else "vae"
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise(folder, vae_name))
+    vae = comfy.sd.VAE(sd=sd, device=dev)
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def _parallel(vae: Any, par: VAEParallelConfig) -> tuple[Any, str]:
+    """The parallel VAE (image VAEs), or the stock one with the reason (1-D / 3-D VAEs)."""
+    import logging
+
+    from ..engine.vae import parallelize
+
+    if vae.latent_dim != 2 or vae.extra_1d_channel is not None:
+        status = f"VAE on {vae.device}; parallel tiles are for image VAEs, this one is {vae.latent_dim}-D: stock VAE"
+    else:
+        vae = parallelize(vae, par)
+        when = f"images over {par.tile_pixels} pixels or " if par.tile_pixels else ""
+        status = (
+            f"VAE on {vae.device}; tiles spread over {par.describe()} for tiled decode / encode and for "
+            f"VAE Decode / Encode of {when}images ComfyUI estimates too large for {vae.device}"
+        )
+    logging.getLogger("xdit_multigpu").info("[xDiT] %s", status)
+    return vae, status
 
 
 class XDiTCLIPLoader:

@@ -68,7 +68,7 @@ _STOCK = {
     "XDiTCheckpointLoader": (
         "CheckpointLoaderSimple", ("gpu_devices", "parallel_strategy", "scheduling_strategy", "ray_address")),
     "XDiTKSampler": ("KSampler", ("xdit_dispatcher",)),
-    "XDiTVAELoader": ("VAELoader", ("device",)),
+    "XDiTVAELoader": ("VAELoader", ("device", "parallel_devices")),
     "XDiTCLIPLoader": ("CLIPLoader", ("device",)),
     "XDiTDualCLIPLoader": ("DualCLIPLoader", ("device",)),
 }

@@ -1,0 +1,207 @@
+"""Scatter the tiles of a host's tiled function over several devices, keeping the host's own blending.
+
+A host tiled function (ComfyUI's ``tiled_scale_multidim`` and its callers) cuts its input into tiles,
+calls ``fn(tile)`` tile by tile, and blends the outputs with feathered masks. ``run_tiled`` calls it
+twice:
+
+1. rehearsal: ``fn`` records each tile input, hands it to the device threads at once, and returns a
+   placeholder of the output shape (no compute; the host's blending of placeholders is discarded);
+2. replay: ``fn`` returns the real output of the i-th tile, in the recorded order, as soon as the
+   device that computed it is done (so the host's blending overlaps with the remaining tiles).
+
+Contract: if ``tiled`` calls ``fn`` with the same sequence of tile shapes in both passes (it is a
+deterministic function of its input, as ComfyUI's tiler is) and ``runner(x)`` computes what the host's
+``fn(x)`` would, the result is the host's own tiled result, bit for bit. A replayed tile whose shape
+differs from the rehearsal's, a missing or an extra tile, raises ``TileOrderError``; a real output
+whose shape differs from its placeholder raises ``TileShapeError`` (the caller then runs the host
+serially). Generic: never names a model; torch is only needed for ``max_batch > 1``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ..errors import WorkerTimeout, XDiTError
+
+R = TypeVar("R")
+TileFn = Callable[[Any], Any]
+# tiled(fn, rehearsal) -> result: the host's tiled function with ``fn`` as its per-tile computation.
+Tiled = Callable[[TileFn, bool], R]
+
+
+class TileOrderError(XDiTError, RuntimeError):
+    """The host's tiler did not call the tile function the same way twice."""
+
+
+class TileShapeError(XDiTError, RuntimeError):
+    """A real tile output does not have its placeholder's shape (the rehearsal blended wrong shapes)."""
+
+
+@dataclass(frozen=True)
+class TileStats:
+    """What one ``run_tiled`` call did: tiles per device slot (dynamic balance), in slot order."""
+
+    tiles: int
+    per_slot: tuple[int, ...]
+
+
+@dataclass
+class _Job:
+    index: int
+    tile: Any
+    done: threading.Event = field(default_factory=threading.Event)
+    out: Any = None
+    error: BaseException | None = None
+
+    def finish(self, out: Any = None, error: BaseException | None = None) -> None:
+        self.tile = None  # the input is no longer needed: free it while the host blends
+        self.out, self.error = out, error
+        self.done.set()
+
+
+class TilePool:
+    """One thread per device slot; each pulls jobs from one shared queue (so faster devices take more
+    tiles) and runs ``runners[slot]`` on them. Results are kept by job index, so which device ran a tile
+    never changes the order the host sees. ``max_batch > 1`` runs consecutive queued tiles of equal
+    shape as one batch (``torch.cat`` on dim 0; the outputs are split back per tile)."""
+
+    _DONE = None
+
+    def __init__(self, runners: Sequence[TileFn], *, max_batch: int = 1, name: str = "xdit-tile") -> None:
+        if not runners:
+            raise ValueError("TilePool needs at least one runner")
+        self._runners = list(runners)
+        self._max_batch = max(1, max_batch)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: list[_Job] = []
+        self._cancel = threading.Event()
+        self._counts = [0] * len(runners)
+        self._threads = [
+            threading.Thread(target=self._loop, args=(slot,), name=f"{name}-{slot}", daemon=True)
+            for slot in range(len(runners))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, tile: Any) -> int:
+        job = _Job(len(self._jobs), tile)
+        self._jobs.append(job)
+        self._queue.put(job)
+        return job.index
+
+    def seal(self) -> None:
+        """No more jobs: each thread exits once the queue is empty."""
+        for _ in self._threads:
+            self._queue.put(self._DONE)
+
+    def result(self, index: int, timeout_s: float) -> Any:
+        job = self._jobs[index]
+        if not job.done.wait(timeout_s):
+            raise WorkerTimeout(f"tile {index} did not finish within {timeout_s:g} s")
+        if job.error is not None:
+            raise job.error
+        out, job.out = job.out, None  # the host owns the output now
+        return out
+
+    def close(self, timeout_s: float) -> TileStats:
+        """Stop the threads (cancelling queued jobs if any are left) and wait for them, bounded."""
+        if any(not j.done.is_set() for j in self._jobs):
+            self._cancel.set()
+        self.seal()
+        for t in self._threads:
+            t.join(timeout=timeout_s)
+        return TileStats(len(self._jobs), tuple(self._counts))
+
+    def _take(self) -> list[_Job] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self._max_batch:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None or tuple(nxt.tile.shape) != tuple(first.tile.shape):
+                self._queue.put(nxt)  # order among the rest does not matter: results are by index
+                break
+            batch.append(nxt)
+        return batch
+
+    def _loop(self, slot: int) -> None:
+        run = self._runners[slot]
+        while (batch := self._take()) is not None:
+            if self._cancel.is_set():
+                for job in batch:
+                    job.finish(error=XDiTError(f"tile {job.index} cancelled (an earlier tile failed or the run ended)"))
+                continue
+            try:
+                outs = _run_batch(run, [j.tile for j in batch])
+            except BaseException as e:  # noqa: BLE001  (handed to the host thread, which re-raises it)
+                self._cancel.set()
+                for job in batch:
+                    job.finish(error=e)
+                continue
+            for job, out in zip(batch, outs):
+                job.finish(out=out)
+            self._counts[slot] += len(batch)
+
+
+def _run_batch(run: TileFn, tiles: list[Any]) -> list[Any]:
+    if len(tiles) == 1:
+        return [run(tiles[0])]
+    import torch
+
+    out = run(torch.cat(tiles, dim=0))
+    return list(out.split([t.shape[0] for t in tiles], dim=0))
+
+
+def run_tiled(
+    tiled: Tiled[R],
+    runners: Sequence[TileFn],
+    placeholder: Callable[[Any], Any],
+    *,
+    timeout_s: float,
+    max_batch: int = 1,
+) -> tuple[R, TileStats]:
+    """``tiled(fn, rehearsal)`` with every ``fn(tile)`` computed by ``runners`` (one per device slot).
+
+    ``placeholder(tile)`` returns what the rehearsal hands the host for a tile: a tensor of the real
+    output's shape, dtype and device (its values are never used). Each wait for a tile is bounded by
+    ``timeout_s``. Returns the replay's result and which slot ran how many tiles.
+    """
+    pool = TilePool(runners, max_batch=max_batch)
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (input shape, placeholder shape) per tile
+
+    def record(tile: Any) -> Any:
+        ph = placeholder(tile)
+        shapes.append((tuple(tile.shape), tuple(ph.shape)))
+        pool.submit(tile)
+        return ph
+
+    cursor = [0]
+
+    def replay(tile: Any) -> Any:
+        i = cursor[0]
+        if i >= len(shapes) or tuple(tile.shape) != shapes[i][0]:
+            seen = shapes[i][0] if i < len(shapes) else "no tile"
+            raise TileOrderError(f"tile {i}: the host asked for shape {tuple(tile.shape)}, the rehearsal had {seen}")
+        cursor[0] = i + 1
+        out = pool.result(i, timeout_s)
+        if tuple(out.shape) != shapes[i][1]:
+            raise TileShapeError(f"tile {i}: output shape {tuple(out.shape)} != placeholder {shapes[i][1]}")
+        return out
+
+    try:
+        tiled(record, True)
+        pool.seal()
+        result = tiled(replay, False)
+        if cursor[0] != len(shapes):
+            raise TileOrderError(f"the host used {cursor[0]} of {len(shapes)} rehearsed tiles")
+    finally:
+        stats = pool.close(timeout_s)
+    return result, stats
