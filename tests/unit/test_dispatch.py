@@ -102,7 +102,7 @@ def test_gpus_per_group_forms_groups_from_a_flat_list():
 
 
 def test_least_loaded_hands_out_items_to_whichever_group_is_free():
-    f = Factory([0, 1, 2, 3], delay={0: 0.0, 1: 0.15})
+    f = Factory([0, 1, 2, 3], delay={0: 0.02, 1: 0.6})
     _, out = run(spec(scheduling=SchedulingStrategy.LEAST_LOADED), req(6), f)
     made = groups_of(out.latent)
     assert made.count(0) >= 4 and made.count(1) >= 1, made  # the slow group takes fewer items

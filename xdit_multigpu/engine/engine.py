@@ -30,6 +30,10 @@ from .request import SampleRequest
 
 log = logging.getLogger("xdit_multigpu.engine")
 
+# In-process sampling (the fallback, the stock path) runs one at a time: ComfyUI's model management is
+# not thread-safe, and the async KSampler node may run two xDiT KSamplers at once.
+HOST_LOCK = threading.RLock()
+
 # What a failed pool start or call may raise besides WorkerError: Ray's own start/connect errors.
 _POOL_ERRORS = (WorkerError, ImportError, RuntimeError, ConnectionError, TimeoutError, OSError)
 
@@ -272,13 +276,14 @@ class Engine:
             raise WorkerError(f"{reason}; and no MODEL was given to sample on one device")
         plan = ParallelPlan(reason=f"one device: {reason}")
         t0 = time.perf_counter()
-        executor = LocalExecutor.for_patcher(patcher)
-        try:
-            # The host's MODEL already carries the modifications the delta describes.
-            one = dataclasses.replace(req, plan=plan, delta=None)
-            latent = executor.collective_rpc("sample", (one,), timeout=self.timeouts.sample_s, on_progress=progress)[0]
-        finally:
-            executor.shutdown()
+        with HOST_LOCK:
+            executor = LocalExecutor.for_patcher(patcher)
+            try:
+                # The host's MODEL already carries the modifications the delta describes.
+                one = dataclasses.replace(req, plan=plan, delta=None)
+                latent = executor.collective_rpc("sample", (one,), timeout=self.timeouts.sample_s, on_progress=progress)[0]
+            finally:
+                executor.shutdown()
         timings["fallback_s"] = round(time.perf_counter() - t0, 3)
         return SampleOutcome(latent, plan, reason, timings)
 

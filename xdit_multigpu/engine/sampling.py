@@ -31,8 +31,11 @@ def stock_sample(model: Any, seed: int, steps: int, cfg: float, sampler_name: st
                  positive: Any, negative: Any, latent: dict[str, Any], denoise: float) -> dict[str, Any]:
     import nodes
 
-    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                   denoise=denoise)
+    from .engine import HOST_LOCK
+
+    with HOST_LOCK:  # ComfyUI's model management is not thread-safe: one in-process sampler at a time
+        (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                       denoise=denoise)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -14,13 +15,22 @@ DISPATCHER = "XDIT_DISPATCHER"
 
 TIP_GPUS = (
     'Devices that share ONE generation: GPU indices such as "0,1,2,3", "all" for every visible GPU, '
-    'or "cpu:N" to let N CPU processes stand in for GPUs (testing). One device = ComfyUI\'s own sampler.'
+    'or "cpu:N" to let N CPU processes stand in for GPUs (testing). One device = ComfyUI\'s own sampler. '
+    '"|" separates GPU groups that work side by side, e.g. "0,1|2,3": a batch is split over the groups.'
 )
 TIP_STRATEGY = (
     "Hybrid (default) plans CFG x Ulysses x Ring from the devices, whether CFG is used and the model's heads. "
     "USP: sequence parallel only. CFG: cond and uncond on two devices. PipeFusion / Tensor: not yet available."
 )
 TIP_SCHEDULING = "How work is spread over GPU groups when there are several (data-parallel batches, queued prompts)."
+TIP_GROUP_SIZE = (
+    "GPUs per group: 0 = one group of all listed GPUs (or the groups given with | in gpu_devices); e.g. 2 with "
+    '"0,1,2,3" = groups 0,1 and 2,3. Each group runs one generation; batches and workflow branches use all groups.'
+)
+TIP_WEIGHTS = (
+    'weighted_round_robin only: one weight per group, e.g. "2,1" when group 0 is twice as fast. '
+    "Empty = weights measured from each group's throughput."
+)
 TIP_RAY = 'Ray cluster to join, e.g. "auto" or "host:port". Empty: an embedded local cluster on this machine only.'
 TIP_DISPATCHER = "Where and how the KSampler (xDiT Multi-GPU) runs this model. Connect it to the KSampler."
 
@@ -35,7 +45,22 @@ def dispatcher_inputs() -> dict[str, Any]:
 
 
 def optional_inputs() -> dict[str, Any]:
-    return {"ray_address": ("STRING", {"default": "", "tooltip": TIP_RAY, "advanced": True})}
+    return {
+        "gpus_per_group": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": TIP_GROUP_SIZE, "advanced": True}),
+        "group_weights": ("STRING", {"default": "", "tooltip": TIP_WEIGHTS, "advanced": True}),
+        "ray_address": ("STRING", {"default": "", "tooltip": TIP_RAY, "advanced": True}),
+    }
+
+
+def parse_weights(text: str) -> tuple[float, ...]:
+    """``group_weights``: "2,1" -> (2.0, 1.0); empty -> () (measured)."""
+    raw = (text or "").replace(" ", "")
+    if not raw:
+        return ()
+    try:
+        return tuple(float(x) for x in raw.split(","))
+    except ValueError:
+        raise ConfigError("group_weights", f'"{text}" is malformed', 'Give numbers separated by commas, e.g. "2,1"') from None
 
 
 def visible_gpus(ray_address: str | None) -> int | None:
@@ -57,6 +82,8 @@ def build_dispatcher(
     scheduling_strategy: str,
     weight_dtype: str = "default",
     ray_address: str = "",
+    gpus_per_group: int = 0,
+    group_weights: str = "",
 ) -> DispatcherSpec:
     """Validate every loader input and build the ``XDIT_DISPATCHER`` value. Raises ``ConfigError``."""
     import folder_paths
@@ -73,15 +100,19 @@ def build_dispatcher(
     except ValueError:
         opts = ", ".join(s.value for s in SchedulingStrategy)
         raise ConfigError("scheduling_strategy", f'"{scheduling_strategy}" is unknown', f"Choose one of {opts}") from None
+    grouping = DispatcherSpec(None, devices, group_size=int(gpus_per_group or 0), group_weights=parse_weights(group_weights))  # type: ignore[arg-type]
+    grouping.check_groups()
     path = folder_paths.get_full_path(folder, name) if name else None
     info = inspect_model_file(field, path, name, kind)
     family = ""
     if info is not None:
         family = info.spec.name
-        _check_strategy(info.spec, strategy, devices)
+        for group in grouping.device_groups():  # every group runs the plan on its own devices
+            _check_strategy(info.spec, strategy, group)
     assert path is not None  # inspect_model_file raised otherwise
     load = LoadSpec.for_file(kind, path, weight_dtype)
-    return DispatcherSpec(load, devices, strategy, scheduling, family, address)
+    return dataclasses.replace(grouping, load=load, strategy=strategy, scheduling=scheduling, family=family,
+                               ray_address=address)
 
 
 def _check_strategy(spec: Any, strategy: ParallelStrategy, devices: DeviceSet) -> None:

@@ -50,22 +50,22 @@ class XDiTUNetLoader:
     @classmethod
     def VALIDATE_INPUTS(
         cls, unet_name: str, weight_dtype: str, gpu_devices: str, parallel_strategy: str, scheduling_strategy: str,
-        ray_address: str = "",
+        **optional: Any,
     ) -> bool | str:
         return validation_message(
             build_dispatcher, "unet_name", "diffusion_models", unet_name, LoaderKind.DIFFUSION_MODEL,
-            gpu_devices, parallel_strategy, scheduling_strategy, weight_dtype, ray_address,
+            gpu_devices, parallel_strategy, scheduling_strategy, weight_dtype, **optional,
         )
 
     def load(
         self, unet_name: str, weight_dtype: str, gpu_devices: str, parallel_strategy: str, scheduling_strategy: str,
-        ray_address: str = "",
+        **optional: Any,
     ) -> tuple[Any, Any]:
         import nodes
 
         spec = build_dispatcher(
             "unet_name", "diffusion_models", unet_name, LoaderKind.DIFFUSION_MODEL,
-            gpu_devices, parallel_strategy, scheduling_strategy, weight_dtype, ray_address,
+            gpu_devices, parallel_strategy, scheduling_strategy, weight_dtype, **optional,
         )
         (model,) = nodes.UNETLoader().load_unet(unet_name, weight_dtype)
         remember_model(model, spec)
@@ -102,21 +102,21 @@ class XDiTCheckpointLoader:
 
     @classmethod
     def VALIDATE_INPUTS(
-        cls, ckpt_name: str, gpu_devices: str, parallel_strategy: str, scheduling_strategy: str, ray_address: str = ""
+        cls, ckpt_name: str, gpu_devices: str, parallel_strategy: str, scheduling_strategy: str, **optional: Any
     ) -> bool | str:
         return validation_message(
             build_dispatcher, "ckpt_name", "checkpoints", ckpt_name, LoaderKind.CHECKPOINT,
-            gpu_devices, parallel_strategy, scheduling_strategy, "default", ray_address,
+            gpu_devices, parallel_strategy, scheduling_strategy, "default", **optional,
         )
 
     def load(
-        self, ckpt_name: str, gpu_devices: str, parallel_strategy: str, scheduling_strategy: str, ray_address: str = ""
+        self, ckpt_name: str, gpu_devices: str, parallel_strategy: str, scheduling_strategy: str, **optional: Any
     ) -> tuple[Any, Any, Any, Any]:
         import nodes
 
         spec = build_dispatcher(
             "ckpt_name", "checkpoints", ckpt_name, LoaderKind.CHECKPOINT,
-            gpu_devices, parallel_strategy, scheduling_strategy, "default", ray_address,
+            gpu_devices, parallel_strategy, scheduling_strategy, "default", **optional,
         )
         model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)
         remember_model(model, spec)

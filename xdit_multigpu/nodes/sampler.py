@@ -7,6 +7,7 @@ pool; whenever that cannot be done, the stock path runs instead and the node say
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,7 +19,7 @@ log = logging.getLogger("xdit_multigpu")
 
 class XDiTKSampler:
     CATEGORY = CATEGORY
-    FUNCTION = "sample"
+    FUNCTION = "run"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised latent.",)
     DESCRIPTION = (
@@ -37,6 +38,13 @@ class XDiTKSampler:
             {"tooltip": "From Load UNet / Load Checkpoint (xDiT Multi-GPU): the devices and plan for this model."},
         )
         return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    async def run(self, **inputs: Any) -> dict[str, Any]:
+        """ComfyUI's entry point. Async so that ComfyUI's executor can start other nodes meanwhile: two
+        xDiT KSamplers on independent branches of one workflow then sample at the same time on different
+        GPU groups. The work itself runs in a thread (it blocks on the workers); ComfyUI's execution
+        context (which node is running, for progress messages) is copied into that thread."""
+        return await asyncio.to_thread(self.sample, **inputs)
 
     def sample(
         self,
