@@ -22,6 +22,7 @@ OUTPUTS = {
     "CLIPTextEncode": ["CONDITIONING"], "FluxGuidance": ["CONDITIONING"],
     "EmptySD3LatentImage": ["LATENT"], "EmptyLatentImage": ["LATENT"], "XDiTKSampler": ["LATENT"],
     "VAEDecode": ["IMAGE"], "SaveImage": [], "Note": [],
+    "ModelSamplingAuraFlow": ["MODEL"],
 }
 
 
@@ -121,6 +122,42 @@ def pixart() -> dict:
         (8, 0, 9, "images")])
 
 
+def chroma() -> dict:
+    return build("Chroma on all GPUs (xDiT): CFG x sequence parallel", [
+        (1, "XDiTUNetLoader", ["chroma-unlocked-v48.safetensors", "default", *DISPATCH], []),
+        (2, "XDiTCLIPLoader", ["t5xxl_fp16.safetensors", "chroma", "default"], []),
+        (3, "CLIPTextEncode", ["a glass greenhouse at night full of glowing orchids, 35mm photo"], ["clip"]),
+        (4, "CLIPTextEncode", ["low quality, blurry, bad anatomy, watermark"], ["clip"]),
+        (5, "EmptySD3LatentImage", [1024, 1024, 1], []),
+        (6, "XDiTKSampler", ksampler(21, 26, 4.0, "euler", "beta"),
+         ["model", "positive", "negative", "latent_image", "xdit_dispatcher"]),
+        (7, "XDiTVAELoader", ["ae.safetensors", "default"], []),
+        (8, "VAEDecode", [], ["samples", "vae"]),
+        (9, "SaveImage", ["xdit_chroma"], ["images"]),
+    ], [(2, 0, 3, "clip"), (2, 0, 4, "clip"), (1, 0, 6, "model"), (3, 0, 6, "positive"), (4, 0, 6, "negative"),
+        (5, 0, 6, "latent_image"), (1, 1, 6, "xdit_dispatcher"), (6, 0, 8, "samples"), (7, 0, 8, "vae"),
+        (8, 0, 9, "images")])
+
+
+def qwen_image() -> dict:
+    return build("Qwen-Image on all GPUs (xDiT): CFG x sequence parallel", [
+        (1, "XDiTUNetLoader", ["qwen_image_fp8_e4m3fn.safetensors", "default", *DISPATCH], []),
+        (2, "ModelSamplingAuraFlow", [3.1], ["model"]),
+        (3, "XDiTCLIPLoader", ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"], []),
+        (4, "CLIPTextEncode", ['a bookshop window with a hand-painted sign reading "Open Late", rainy street'],
+         ["clip"]),
+        (5, "CLIPTextEncode", [""], ["clip"]),
+        (6, "EmptySD3LatentImage", [1328, 1328, 1], []),
+        (7, "XDiTKSampler", ksampler(9, 20, 2.5, "euler", "simple"),
+         ["model", "positive", "negative", "latent_image", "xdit_dispatcher"]),
+        (8, "XDiTVAELoader", ["qwen_image_vae.safetensors", "default"], []),
+        (9, "VAEDecode", [], ["samples", "vae"]),
+        (10, "SaveImage", ["xdit_qwen_image"], ["images"]),
+    ], [(1, 0, 2, "model"), (3, 0, 4, "clip"), (3, 0, 5, "clip"), (2, 0, 7, "model"), (4, 0, 7, "positive"),
+        (5, 0, 7, "negative"), (6, 0, 7, "latent_image"), (1, 1, 7, "xdit_dispatcher"), (7, 0, 9, "samples"),
+        (8, 0, 9, "vae"), (9, 0, 10, "images")])
+
+
 WORKFLOWS = {
     "flux_xdit_multigpu": flux,
     "sd3_xdit_multigpu": sd3,
@@ -133,6 +170,8 @@ WORKFLOWS = {
         "HunyuanDiT on two GPUs (xDiT CFG parallel)", "hunyuan_dit_1.2.safetensors",
         "a tea house in a bamboo forest, ink painting", "EmptyLatentImage",
         ksampler(5, 25, 6.0, "euler", "normal"), "xdit_hunyuan_dit"),
+    "chroma_xdit_multigpu": chroma,
+    "qwen_image_xdit_multigpu": qwen_image,
 }
 
 if __name__ == "__main__":
