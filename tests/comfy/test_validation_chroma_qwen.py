@@ -8,7 +8,6 @@ head) is a different ``supported_models`` class that no spec lists: refused at t
 
 from __future__ import annotations
 
-
 import pytest
 
 pytestmark = pytest.mark.comfy
