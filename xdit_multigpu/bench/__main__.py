@@ -1,5 +1,6 @@
+"""GPU benchmark (run on GPU machines): ``python -m xdit_multigpu.bench --help``."""
 import sys
 
-from .flux_first import main
+from .cli import main
 
 sys.exit(main())

@@ -1,0 +1,50 @@
+"""The GPU benchmark's own CPU self-check: ``python -m xdit_multigpu.bench --cpu-selfcheck`` runs the whole
+benchmark path (model files, stock baseline child, engine pools on cpu:1 / cpu:2 with BenchWorker ranks,
+per-step timing, 28-step + VAE decode, JSON) on the tiny Flux (Ulysses 2) and tiny SD3 (CFG 2), then the
+report generator renders the table. Target: < 60 s on 2 idle cores (slower when the box is shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
+
+pytest.importorskip("ray")
+
+
+def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
+    from xdit_multigpu.bench.schema import problems
+
+    out, models = tmp_path / "bench", tmp_path / "models"
+    env = {**os.environ, "COMFYUI_PATH": comfy_root, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "xdit_multigpu.bench", "--out", str(out), "--cpu-selfcheck",
+                        "--model-dir", str(models)], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stderr[-4000:]
+    with open(out / "bench.json") as f:
+        report = json.load(f)
+    assert problems(report) == []
+    flux2 = report["models"]["tiny-flux"]["engine"]["2"]["rows"]["Hybrid/128"]
+    assert flux2["plan"].startswith("cfg 1 x ulysses 2")
+    assert flux2["vs_stock"]["rel_l2"] < 1e-4  # fp32 on CPU: the parallel latent equals stock ComfyUI's
+    assert len(flux2["per_step_ms_ranks"]) == 2 and len(flux2["step_ms"]) == 1
+    sd3 = report["models"]["tiny-sd3"]["engine"]["2"]["rows"]["Hybrid/128"]
+    assert sd3["plan"].startswith("cfg 2") and sd3["vs_stock"]["rel_l2"] < 1e-4
+    stock = report["models"]["tiny-flux"]["stock"]["sizes"]["128"]
+    assert stock["vae_decode_s"] > 0 and stock["e2e_sampling_s"] > 0
+    md = tmp_path / "docs" / "bench.md"
+    r2 = subprocess.run([sys.executable, "-m", "xdit_multigpu.bench.report", "--json", str(out / "bench.json"),
+                         "--out", str(md), "--plots", str(tmp_path / "docs" / "img")], env=env, cwd=str(REPO),
+                        capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    text = md.read_text()
+    assert "| tiny-flux | 128² | 2 | Hybrid: cfg 1 x ulysses 2" in text
+    assert "| tiny-sd3 | 128² | 2 | Hybrid: cfg 2" in text
+    assert (tmp_path / "docs" / "img" / "speedup_tiny-flux.svg").read_text().startswith("<svg")

@@ -1,0 +1,64 @@
+"""Benchmark summary, targets, schema and report rendering on a hand-made ``bench.json`` (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from xdit_multigpu.bench.report import render, svg_chart
+from xdit_multigpu.bench.schema import problems
+from xdit_multigpu.bench.summary import summarize
+from xdit_multigpu.bench.targets import check_targets
+
+pytestmark = pytest.mark.unit
+
+
+def _row(ms, plan, peaks):
+    return {"plan": plan, "per_step_ms": ms, "step_ms": [ms], "per_step_ms_ranks": [ms] * len(peaks), "timed_wall_s": 1.0,
+            "dispatch_ms": [12.0, 14.0], "peak_allocated_gb": peaks, "peak_reserved_gb": peaks,
+            "vs_stock": {"rel_l2": 0.006}}
+
+
+def _report():
+    return {
+        "schema": "xdit-bench/1", "environment": {"date_utc": "d", "python": "3", "torch": "2"}, "options": {},
+        "side_by_side": {}, "total_s": 1.0,
+        "models": {"flux-dev": {"sizes": [1024], "stock": {"sizes": {"1024": {
+            "per_step_ms": 170.0, "step_ms": [170.0], "timed_wall_s": 1.0, "peak_allocated_gb": 23.0,
+            "e2e_sampling_s": 5.0, "vae_decode_s": 0.5}}},
+            "engine": {"1": {"pool_start_s": 30.0, "rows": {"Hybrid/1024": _row(172.0, "cfg 1 x ulysses 1 x ring 1", [23.0])}},
+                       "4": {"pool_start_s": 38.0, "rows": {"Hybrid/1024": _row(50.0, "cfg 1 x ulysses 4 x ring 1",
+                                                                              [24.0, 24.0, 24.0, 24.0])}}}}},
+    }
+
+
+def test_summary_ratios_are_within_the_run():
+    rows = {(r["gpus"], r["strategy"]): r for r in summarize(_report())}
+    four = rows[(4, "Hybrid")]
+    assert four["speedup_vs_ours_1"] == pytest.approx(172 / 50, abs=1e-3)
+    assert four["speedup_vs_stock"] == pytest.approx(170 / 50, abs=1e-3)
+    assert four["e2e_s"] is None or four["e2e_s"] > 0
+    assert rows[(1, "stock ComfyUI")]["e2e_s"] == pytest.approx(5.5)
+
+
+def test_targets_say_met_or_by_how_much():
+    rep = _report()
+    rep["summary"] = summarize(rep)
+    status = {t["target"]: t["status"] for t in check_targets(rep, rep["summary"])}
+    assert status["flux-dev 1024² on 4 GPUs >= 3.4x"] == "met"
+    assert status["flux-dev 1024²: our 1 GPU within 2 % of stock"] == "met"  # 172 vs 170: +1.2 %
+    assert status["flux-dev 1024² 4 GPUs: peak/GPU <= 1-GPU peak"] == "missed"  # 24 > 23 GB
+    assert status["pool start <= 20 s (flux-dev, 4 GPUs)"] == "missed"
+
+
+def test_schema_and_render():
+    rep = _report()
+    rep["summary"] = summarize(rep)
+    assert problems(rep) == []
+    broken = _report()
+    del broken["models"]["flux-dev"]["engine"]["4"]["rows"]["Hybrid/1024"]["per_step_ms"]
+    broken["summary"] = []
+    assert any("per_step_ms: missing" in p for p in problems(broken))
+    md = render(rep, {"flux-dev": "img/speedup_flux-dev.svg"})
+    assert "| flux-dev | 1024² | 4 | Hybrid: cfg 1 x ulysses 4 x ring 1 | 50.0 | 3.44x | 3.40x |" in md
+    assert "![speedup flux-dev](img/speedup_flux-dev.svg)" in md
+    assert svg_chart("m", {1024: [(1, 1.0), (4, 3.4)]}).count("<circle") == 2

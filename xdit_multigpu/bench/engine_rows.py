@@ -1,0 +1,148 @@
+"""Engine rows of the benchmark: the engine users run (``Engine.sample``: planner, Ray pool, ComfyUI's
+loader and sampler on every rank), on a pool of ``n`` devices, for each requested strategy and size.
+
+The pool's workers are ``BenchWorker`` (the engine's ``Worker`` plus measurement RPCs); the engine is
+a private ``Engine`` instance given that pool factory, so nothing else differs from a user's run. One
+pool per device count serves every size and strategy (pool start is paid once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from ..config import DeviceKind, DeviceSet, DispatcherSpec, LoaderKind, LoadSpec, ParallelStrategy
+from ..errors import ConfigError
+from .protocol import compare, make_request
+from .realsize import Arch
+
+log = logging.getLogger("xdit_multigpu.bench")
+BENCH_WORKER = "xdit_multigpu.bench.worker.BenchWorker"
+
+
+def make_engine() -> Any:
+    """An ``Engine`` whose pools run ``BenchWorker`` ranks (same engine code, same worker code)."""
+    from ..engine.engine import Engine
+    from ..engine.pool import Timeouts, WorkerPool
+
+    def factory(spec: DispatcherSpec, timeouts: Timeouts) -> WorkerPool:
+        return WorkerPool.start(spec, timeouts, worker_cls=BENCH_WORKER)
+
+    return Engine(timeouts=Timeouts(start_s=900, sample_s=900, collective_s=600, health_s=60), pool_factory=factory)
+
+
+class EngineBench:
+    """Rows for one model file on ``n`` devices; ``release`` stops its pool."""
+
+    def __init__(self, engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: DeviceKind, opts: Any) -> None:
+        from ..models import lookup
+
+        self.engine, self.arch, self.n, self.opts = engine, arch, n, opts
+        self.load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, model["path"], unet_config_json=model.get("unet_config_json"))
+        text = f"cpu:{n}" if kind is DeviceKind.CPU else ",".join(map(str, range(n)))
+        self.devices = DeviceSet(kind, tuple(range(n)), text)
+        self.model_spec = lookup(arch.config_class)
+        self.pool_start_s: float | None = None
+
+    def spec(self, strategy: str) -> DispatcherSpec:
+        return DispatcherSpec(self.load, self.devices, ParallelStrategy(strategy), family=self.model_spec.name)
+
+    def start(self) -> float:
+        t0 = time.perf_counter()
+        self.engine.pool(self.spec("Hybrid"))
+        self.pool_start_s = round(time.perf_counter() - t0, 2)
+        return self.pool_start_s
+
+    def _executor(self) -> Any:
+        return self.engine.pool(self.spec("Hybrid")).executor
+
+    def request(self, strategy: str, size: int, steps: int) -> dict[str, Any]:
+        """One engine request; returns driver wall time, the plan, rank stats and the latent."""
+        req = make_request(self.arch, size, steps)
+        t0 = time.time()
+        res = self.engine.sample(self.spec(strategy), req, self.model_spec, self.arch.heads, self.arch.cfg > 1.0, None)
+        t1 = time.time()
+        if res.fallback_reason:
+            raise RuntimeError(f"the engine fell back to one device: {res.fallback_reason}")
+        stats = self._executor().collective_rpc("bench_stats", timeout=60)
+        r0 = stats[0]
+        return {"wall_s": t1 - t0, "plan": res.plan.describe(), "reason": res.plan.reason, "stats": stats,
+                "latent": res.latent, "dispatch_ms": round((r0["t_in"] - t0 + t1 - r0["t_out"]) * 1000, 2)}
+
+    def row(self, strategy: str, size: int, stock_latent: Any) -> dict[str, Any]:
+        """Warm-up, timed run (per-step median), optional 28-step and profiled runs, at one size."""
+        ex = self._executor()
+        ex.collective_rpc("bench_reset", timeout=60)
+        warm = self.request(strategy, size, 2)
+        timed = self.request(strategy, size, self.opts.repeats + 1)
+        stats = timed["stats"]
+        out: dict[str, Any] = {
+            "plan": timed["plan"], "plan_reason": timed["reason"],
+            "per_step_ms": stats[0]["median_ms"], "step_ms": stats[0]["step_ms"],
+            "per_step_ms_ranks": [s["median_ms"] for s in stats],
+            "timed_wall_s": round(timed["wall_s"], 4), "worker_wall_s": stats[0]["wall_s"],
+            "dispatch_ms": [warm["dispatch_ms"], timed["dispatch_ms"]],
+            "peak_allocated_gb": [s["peak_allocated_gb"] for s in stats],
+            "peak_reserved_gb": [s["peak_reserved_gb"] for s in stats],
+        }
+        if stock_latent is not None:
+            out["vs_stock"] = compare(timed["latent"], stock_latent)
+        if size in self.opts.e2e_sizes:
+            e2e = self.request(strategy, size, self.opts.e2e_steps)
+            out["e2e_sampling_s"] = round(e2e["wall_s"], 3)
+            out["dispatch_ms"].append(e2e["dispatch_ms"])
+        if self.opts.profile:
+            ex.collective_rpc("bench_reset", (True,), timeout=60)
+            prof = self.request(strategy, size, self.opts.repeats + 1)
+            out["profile_rank0"] = prof["stats"][0].get("profile")
+            out["profiled_per_step_ms"] = prof["stats"][0]["median_ms"]
+        return out
+
+    def release(self) -> None:
+        self.engine.release_all(stop_ray=False)
+
+
+def strategies_for(arch: Arch, n: int, wanted: list[str]) -> list[str]:
+    """The requested strategies that make sense on ``n`` devices (one device: Hybrid only)."""
+    if n == 1:
+        return ["Hybrid"]
+    out = []
+    for s in wanted:
+        if s == "CFG" and (n != 2 or arch.cfg <= 1.0):
+            continue
+        out.append(s)
+    return out
+
+
+def run_model(engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: DeviceKind, opts: Any,
+              stock_latents: dict[int, Any], sizes: list[int]) -> dict[str, Any]:
+    """Every row of ``arch`` on ``n`` devices; errors are recorded per row, never raised."""
+    bench = EngineBench(engine, arch, model, n, kind, opts)
+    result: dict[str, Any] = {"n": n, "rows": {}}
+    try:
+        result["pool_start_s"] = bench.start()
+    except Exception as e:  # noqa: BLE001  (a failed pool is a row of the report, not the end of the run)
+        result["error"] = f"pool start: {type(e).__name__}: {e}"
+        bench.release()
+        return result
+    for strategy in strategies_for(arch, n, opts.strategies):
+        for size in sizes:
+            key = f"{strategy}/{size}"
+            try:
+                result["rows"][key] = bench.row(strategy, size, stock_latents.get(size))
+            except ConfigError as e:
+                result["rows"][key] = {"skipped": str(e)}
+            except Exception as e:  # noqa: BLE001
+                log.exception("bench row %s %s failed", arch.name, key)
+                result["rows"][key] = {"error": f"{type(e).__name__}: {e}"}
+    bench.release()
+    return result
+
+
+def load_stock_latent(latents_dir: str, arch: Arch, size: int) -> Any:
+    import torch
+
+    path = os.path.join(latents_dir, f"{arch.name}_{size}_stock.pt")
+    return torch.load(path) if os.path.isfile(path) else None

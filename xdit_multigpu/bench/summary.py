@@ -1,0 +1,70 @@
+"""Flat summary rows from ``bench.json``: per model x size x device count x strategy, with the ratios
+computed within the run (vs our 1-device pool and vs ComfyUI's stock sampler)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _get(d: dict[str, Any] | None, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name, m in report.get("models", {}).items():
+        if "skipped" in m:
+            rows.append({"model": name, "skipped": m["skipped"]})
+            continue
+        for size in m.get("sizes", []):
+            rows.extend(_size_rows(name, m, size))
+    return rows
+
+
+def _size_rows(name: str, m: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    st = _get(m, "stock", "sizes", str(size)) or {}
+    stock_ms = st.get("per_step_ms")
+    one = _get(m, "engine", "1", "rows", f"Hybrid/{size}") or {}
+    ours1 = one.get("per_step_ms")
+    vae = st.get("vae_decode_s")
+    rows = [{"model": name, "size": size, "gpus": 1, "strategy": "stock ComfyUI", "plan": "ComfyUI sampler, 1 GPU",
+             "per_step_ms": stock_ms, "speedup_vs_ours_1": _ratio(ours1, stock_ms), "speedup_vs_stock": 1.0 if stock_ms else None,
+             "peak_gb": [st.get("peak_allocated_gb")], "e2e_s": _e2e(st.get("e2e_sampling_s"), vae),
+             "error": _get(m, "stock", "error")}]
+    for n, eng in sorted(m.get("engine", {}).items(), key=lambda kv: int(kv[0])):
+        if "error" in eng:
+            rows.append({"model": name, "size": size, "gpus": int(n), "error": eng["error"]})
+            continue
+        for key, row in eng.get("rows", {}).items():
+            strategy, _, s = key.partition("/")
+            if int(s) != size:
+                continue
+            ms = row.get("per_step_ms")
+            rows.append({
+                "model": name, "size": size, "gpus": int(n), "strategy": strategy, "plan": row.get("plan"),
+                "per_step_ms": ms, "speedup_vs_ours_1": _ratio(ours1, ms), "speedup_vs_stock": _ratio(stock_ms, ms),
+                "peak_gb": row.get("peak_allocated_gb"), "e2e_s": _e2e(row.get("e2e_sampling_s"), vae),
+                "dispatch_ms": _median(row.get("dispatch_ms")), "pool_start_s": eng.get("pool_start_s"),
+                "rel_l2_vs_stock": _get(row, "vs_stock", "rel_l2"), "error": row.get("error") or row.get("skipped"),
+                "nccl_ms_per_step": _get(row, "profile_rank0", "nccl_ms_per_step"),
+            })
+    return rows
+
+
+def _e2e(sampling: float | None, vae: float | None) -> float | None:
+    return round(sampling + vae, 3) if sampling is not None and vae is not None else sampling
+
+
+def _median(xs: list[float] | None) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[len(s) // 2]
