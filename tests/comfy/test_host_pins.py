@@ -229,3 +229,63 @@ def test_control_residuals_are_indexed_per_block_and_added_to_the_stream(comfy_r
          "img[:, txt.shape[1] : txt.shape[1] + add.shape[1], ...] += add")
     _has(mmdit.MMDiT.forward_core_with_concat, 'control_o = control.get("output")', "add = control_o[i]",
          "x += add")
+
+
+# --- the parallel VAE (engine/vae.py + parallel/tiles.py) ---------------------------------------------------
+
+
+def test_vae_two_d_tilers_and_their_callers(comfy_root: str) -> None:
+    """``XDiTVAE`` overrides ``decode_tiled_`` / ``encode_tiled_`` (same signatures and defaults) and runs
+    them with ``first_stage_model`` swapped on the instance: exact only while the per-tile call reads
+    ``self.first_stage_model.<decode|encode>`` at call time, and while every tiled entry point (and the
+    out-of-memory fallback of ``decode`` / ``encode``) goes through these two methods."""
+    import comfy.sd
+
+    vae = comfy.sd.VAE
+    for fn, first, defaults in ((vae.decode_tiled_, "samples", (64, 64, 16)),
+                                (vae.encode_tiled_, "pixel_samples", (512, 512, 64))):
+        sig = inspect.signature(fn)
+        assert list(sig.parameters) == ["self", first, "tile_x", "tile_y", "overlap"], fn.__qualname__
+        assert tuple(p.default for p in list(sig.parameters.values())[2:]) == defaults, fn.__qualname__
+    assert _params(vae.decode) == ["self", "samples_in", "vae_options"]
+    assert _params(vae.encode) == ["self", "pixel_samples"]
+    for fn in (vae.decode_tiled, vae.encode_tiled):
+        assert _params(fn)[2:] == ["tile_x", "tile_y", "overlap", "tile_t", "overlap_t"]
+    _has(vae.decode_tiled_,
+         "decode_fn = lambda a: self.first_stage_model.decode(a.to(self.vae_dtype).to(self.device)).float()",
+         "comfy.utils.tiled_scale(samples, decode_fn, tile_x // 2, tile_y * 2, overlap, "
+         "upscale_amount = self.upscale_ratio, output_device=self.output_device, pbar = pbar)")
+    _has(vae.encode_tiled_,
+         "encode_fn = lambda a: self.first_stage_model.encode((self.process_input(a))"
+         ".to(self.vae_dtype).to(self.device)).float()",
+         "comfy.utils.tiled_scale(pixel_samples, encode_fn, tile_x, tile_y, overlap, "
+         "upscale_amount = (1/self.downscale_ratio), out_channels=self.latent_channels")
+    _has(vae.decode, "except model_management.OOM_EXCEPTION:", "pixel_samples = self.decode_tiled_(samples_in)")
+    _has(vae.encode, "except model_management.OOM_EXCEPTION:", "samples = self.encode_tiled_(pixel_samples)")
+    _has(vae.decode_tiled, "output = self.decode_tiled_(samples, **args)", "return output.movedim(1, -1)")
+    _has(vae.encode_tiled, "samples = self.encode_tiled_(pixel_samples, **args)")
+
+
+def test_tiled_scale_calls_and_blends_tiles_in_order(comfy_root: str) -> None:
+    """``run_tiled`` replays outputs in the order of the rehearsal and gives placeholders of
+    ``round(get_scale(size))``: ComfyUI's tiler must call ``function`` in a fixed order, size its output
+    that way, and blend each tile by the shape of what ``function`` returned."""
+    import comfy.utils
+
+    tsm = comfy.utils.tiled_scale_multidim
+    assert _params(tsm) == ["samples", "function", "tile", "overlap", "upscale_amount", "out_channels",
+                            "output_device", "downscale", "index_formulas", "pbar"]
+    _has(tsm, "out.append(round(get_scale(i, a[i])))", "output[b:b+1] = function(s).to(output_device)",
+         "for it in itertools.product(*positions):", "ps = function(s_in).to(output_device)",
+         "mask = torch.ones_like(ps)", "o = o.narrow(d + 2, upscaled[d], mask.shape[d + 2])")
+    _has(comfy.utils.tiled_scale, "return tiled_scale_multidim(samples, function, (tile_y, tile_x)")
+
+
+def test_progress_bar_reads_the_global_hook_when_made(comfy_root: str) -> None:
+    """The rehearsal mutes its progress bar by setting ``comfy.utils.PROGRESS_BAR_HOOK`` to None while the
+    tiler makes its ``ProgressBar``."""
+    import comfy.utils
+
+    assert hasattr(comfy.utils, "PROGRESS_BAR_HOOK")
+    _has(comfy.utils.ProgressBar.__init__, "self.hook = PROGRESS_BAR_HOOK")
+    _has(comfy.utils.ProgressBar.update_absolute, "if self.hook is not None:")
