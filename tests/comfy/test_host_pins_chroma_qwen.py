@@ -131,6 +131,22 @@ def test_qwen_image_attention(comfy_root: str) -> None:
     assert qwen.optimized_attention_masked is attention.optimized_attention_masked
 
 
+def test_qwen_image_controlnet_residuals(comfy_root: str) -> None:
+    """``control_residuals=True`` for Qwen-Image (parallel/control.py hands out local rows): the InstantX
+    ControlNet returns one residual per main-model block under ``"input"``, each over the image tokens
+    of ``x`` only (no reference latents), computed from full-length inputs; the main model adds
+    ``control["input"][i]`` to the first ``add.shape[1]`` rows after block i."""
+    from comfy.ldm.qwen_image import controlnet
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel as Qwen
+
+    _has(controlnet.QwenImageControlNetModel.forward, "hidden_states, img_ids, orig_shape = self.process_img(x)",
+         "hidden_states = self.img_in(hidden_states) + self.controlnet_x_embedder(hint)",
+         "controlnet_block_samples = controlnet_block_samples + (self.controlnet_blocks[i](hidden_states),) * repeat",
+         'return {"input": controlnet_block_samples[:self.main_model_double]}')
+    _has(Qwen._forward, 'control_i = control.get("input")', "if i < len(control_i):", "add = control_i[i]",
+         "hidden_states[:, :add.shape[1]] += add")
+
+
 def test_qwen_image_installer_refuses_a_changed_block(comfy_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The refusal itself: a block forward with an extra argument is not split."""
     from comfy.ldm.qwen_image import model as qwen

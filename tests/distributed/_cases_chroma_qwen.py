@@ -12,6 +12,10 @@ Variants (besides ``_cases``' ``neg_text`` / ``no_override``):
   ``attention_mask_img_shape`` (``model_base.Flux.extra_conds``, which Chroma inherits);
 * ``ref`` / ``ref_odd`` (Qwen-Image): Qwen-Image-Edit reference latents appended to the image stream
   (``ref_odd``: 3 x 5 reference tokens, positive only -> uneven shards, cond / uncond of different length);
+* ``control`` / ``control_ref`` (Qwen-Image): an InstantX-layout ``QwenImageControlNetModel`` through
+  the stock ``ControlNetApplyAdvanced``; its residuals cover the first L image tokens only
+  (``hidden_states[:, :add.shape[1]] += add``), so with ``control_ref`` (15 reference tokens appended)
+  the split at token L falls inside a shard;
 * ``wrong_rope`` (negative control of the RoPE cut): every rank gets the image RoPE rows of sp rank 0.
 """
 
@@ -52,13 +56,40 @@ def conds(name: str, case: Case) -> tuple[list[Any], list[Any]]:
     if case.variant == "mask":
         extra = {"attention_mask": flux_mask(case), "attention_mask_img_shape": (case.size // 2, case.size // 2)}
         pos, neg = [[c, {**d, **extra}] for c, d in pos], [[c, {**d, **extra}] for c, d in neg]
-    elif case.variant in ("ref", "ref_odd"):
-        h, w = (6, 10) if case.variant == "ref_odd" else (8, 8)
+    if case.variant.startswith("control"):
+        import nodes
+
+        hint = torch.randn(1, case.size, case.size, 16, generator=gen)  # latent-space hint (no VAE)
+        pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, build_controlnet(name), hint,
+                                                                    0.8, 0.0, 1.0)
+    if case.variant in ("ref", "ref_odd", "control_ref"):
+        h, w = (8, 8) if case.variant == "ref" else (6, 10)
         ref = torch.randn(1, 16, 1, h, w, generator=gen)  # a VAE-encoded image, Wan21 latent layout
         pos = [[c, {**d, "reference_latents": [ref]}] for c, d in pos]
         if case.variant == "ref":
             neg = [[c, {**d, "reference_latents": [ref]}] for c, d in neg]
     return pos, neg
+
+
+def build_controlnet(name: str) -> Any:
+    """A tiny ``comfy.controlnet.ControlNet`` around ComfyUI's ``QwenImageControlNetModel`` (2 blocks, fp32,
+    seeded), as ``load_controlnet_qwen_instantx`` wraps it, minus the VAE: the hint is given in latent
+    space and ``preprocess_image`` adds the frame axis the Wan21 latent has."""
+    import comfy.controlnet
+    import comfy.ldm.qwen_image.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+    import torch
+
+    from xdit_multigpu.testing.tiny_models_chroma_qwen import QWEN_IMAGE_TINY
+
+    assert name == "qwen_image", name
+    dev = mm.get_torch_device()
+    model = comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel(
+        operations=comfy.ops.disable_weight_init, device=dev, dtype=torch.float32, **QWEN_IMAGE_TINY)
+    _init_weights(model, seed=13)
+    return comfy.controlnet.ControlNet(model, compression_ratio=1, load_device=dev, manual_cast_dtype=None,
+                                       extra_conds=[], preprocess_image=lambda a: a.unsqueeze(2))
 
 
 def sample(patcher: Any, name: str, case: Case) -> Any:
@@ -84,7 +115,7 @@ def reference_key(case: Case) -> tuple[Any, ...]:
 
 def image_tokens(case: Case) -> int:
     """Tokens of the largest sharded stream of the case (the cond with reference latents, if any)."""
-    ref = {"ref": 16, "ref_odd": 15}.get(case.variant, 0)
+    ref = {"ref": 16, "ref_odd": 15, "control_ref": 15}.get(case.variant, 0)
     return (case.size // 2) ** 2 + ref
 
 

@@ -10,13 +10,15 @@ in the same process (``_cases_chroma_qwen``). Per family and rank count (2 and 4
 * uneven shards (18 x 18 latent: 81 tokens, exact all-gather path) on Ulysses(-x-Ring) and on Ring;
   cond / uncond of different text lengths; CFG scale 1 (one active cond);
 * Chroma: a full-square attention mask; Qwen-Image: Qwen-Image-Edit reference latents (even, and 15
-  reference tokens on the positive only);
+  reference tokens on the positive only) and a Qwen-Image ControlNet (alone, and with the 15 reference
+  tokens, so the residuals' end at token L falls inside a shard);
 * negative controls that must differ by > 1e-2: attention left local (``no_override``) and every rank
   given sp rank 0's RoPE rows (``wrong_rope``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -42,7 +44,7 @@ HEADS = 4  # both tiny models
 SAMPLERS = ("euler", "dpmpp_2m")
 PLANS = {2: [(1, 2, 1), (1, 1, 2), (2, 1, 1)], 4: [(1, 4, 1), (1, 1, 4), (1, 2, 2), (2, 2, 1), (2, 1, 2)]}
 SPECS = {"chroma": families.CHROMA, "qwen_image": families.QWEN_IMAGE}
-EXTRA = {"chroma": ("mask",), "qwen_image": ("ref", "ref_odd")}
+EXTRA = {"chroma": ("mask",), "qwen_image": ("ref", "control", "control_ref", "ref_odd")}
 
 
 def _cases(family: str, ranks: int) -> list[Case]:
@@ -94,9 +96,12 @@ def test_matches_one_device(family: str, ranks: int, index: int, comfy_root: str
         assert min(diffs) > 1e-2, f"negative control {case.variant} was not caught: diffs {diffs}"
         return
     assert max(diffs) <= TOL, f"{case}: max |parallel - one device| per rank {diffs} > {TOL}"
+    if case.variant:  # the feature changes the one-device result (so the case tests something)
+        plain = res[0]["reference"].get(reference_key(dataclasses.replace(case, variant="")))
+        assert plain is None or float(np.abs(plain - ref).max()) > 1e-2, f"{case.variant} has no effect"
     sp = case.plan[1] * case.plan[2]
     if sp > 1:  # which attention path ran: USP unless the shards are uneven or a mask is set
-        expect_fallback = image_tokens(case) % sp != 0 or case.variant == "mask" or case.variant == "ref_odd"
+        expect_fallback = image_tokens(case) % sp != 0 or case.variant in ("mask", "ref_odd", "control_ref")
         assert [r["fallback"][index] for r in res] == [expect_fallback] * ranks, "unexpected attention path"
     assert max(spread) == 0.0, f"{case}: ranks disagree with rank 0 by {spread}"
 

@@ -172,6 +172,7 @@ QWEN_IMAGE = register(
         heads=_qwen_heads,
         hook="dit double_block replace on every block (shard / slice RoPE / gather) + attention override",
         sequence_parallel=LazyInstaller("xdit_multigpu.models.qwen_image", "install_sequence_parallel"),
-        notes="ControlNet and double_block model patches (DiffSynth): CFG parallel only",
+        notes="double_block model patches (DiffSynth ControlNet): CFG parallel only",
+        control_residuals=True,  # control["input"][i] added to the first L image rows after block i
     )
 )

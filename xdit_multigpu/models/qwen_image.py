@@ -25,8 +25,11 @@ Token-index splits in the stream, and why each stays correct per rank:
 * Reference latents (Qwen-Image-Edit): ``_forward`` appends them to the image stream before block 0
   (``L + R`` tokens, each with its own ``index`` in ``img_ids``); they are sharded with the image and
   the gather restores all of them before ``hidden_states[:, :num_embeds]`` drops them again.
-* ControlNet: ``hidden_states[:, :add.shape[1]] += add`` covers the first L tokens only; it is refused
-  by the generic APPLY_MODEL guard (``control_residuals`` not declared: no tiny Qwen ControlNet yet).
+* ControlNet (InstantX layout): after block i, ``hidden_states[:, :add.shape[1]] += add`` covers the
+  first L tokens only (the ControlNet sees no reference latents). The spec declares
+  ``control_residuals``: the generic APPLY_MODEL wrapper (``parallel/control.py``) hands each rank the
+  rows ``[offset, min(offset + local, L))`` of ``add`` -- a prefix of its shard, empty on a rank that
+  holds only reference tokens -- and the whole residual after the gather in the last block.
 * ``patches["double_block"]`` (e.g. DiffSynth ControlNet model patches) see the full ``x`` and add to
   the image stream per block: refused at sampling time while the stream is sharded.
 """
