@@ -23,6 +23,8 @@ OUTPUTS = {
     "EmptySD3LatentImage": ["LATENT"], "EmptyLatentImage": ["LATENT"], "XDiTKSampler": ["LATENT"],
     "VAEDecode": ["IMAGE"], "SaveImage": [], "Note": [],
     "ModelSamplingAuraFlow": ["MODEL"],
+    "ModelSamplingSD3": ["MODEL"], "EmptyHunyuanLatentVideo": ["LATENT"], "Wan22ImageToVideoLatent": ["LATENT"],
+    "SaveAnimatedWEBP": [],
 }
 
 
@@ -158,6 +160,67 @@ def qwen_image() -> dict:
         (8, 0, 9, "vae"), (9, 0, 10, "images")])
 
 
+LUMINA2_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of image-text "
+                  "alignment based on textual prompts or user prompts. <Prompt Start> ")
+
+
+def lumina_graph(title: str, unet: str, te: str, prompt: str, shift: float, k: list, prefix: str) -> dict:
+    """Lumina 2 / Z-Image: Load CLIP type lumina2 (Gemma 2 2B, or Qwen3 4B which ComfyUI detects for Z-Image)."""
+    return build(title, [
+        (1, "XDiTUNetLoader", [unet, "default", *DISPATCH], []),
+        (2, "ModelSamplingAuraFlow", [shift], ["model"]),
+        (3, "XDiTCLIPLoader", [te, "lumina2", "default"], []),
+        (4, "CLIPTextEncode", [prompt], ["clip"]),
+        (5, "CLIPTextEncode", ["blurry, low quality" if k[3] > 1.0 else ""], ["clip"]),
+        (6, "EmptySD3LatentImage", [1024, 1024, 1], []),
+        (7, "XDiTKSampler", k, ["model", "positive", "negative", "latent_image", "xdit_dispatcher"]),
+        (8, "XDiTVAELoader", ["ae.safetensors", "default"], []),
+        (9, "VAEDecode", [], ["samples", "vae"]),
+        (10, "SaveImage", [prefix], ["images"]),
+    ], [(1, 0, 2, "model"), (3, 0, 4, "clip"), (3, 0, 5, "clip"), (2, 0, 7, "model"), (4, 0, 7, "positive"),
+        (5, 0, 7, "negative"), (6, 0, 7, "latent_image"), (1, 1, 7, "xdit_dispatcher"), (7, 0, 9, "samples"),
+        (8, 0, 9, "vae"), (9, 0, 10, "images")])
+
+
+def wan21_t2v() -> dict:
+    """Wan 2.1 T2V (also Wan 2.2 A14B T2V high / low noise files): 5-D video latent, animated WEBP out."""
+    return build("Wan 2.1 text-to-video on all GPUs (xDiT): CFG x sequence parallel over video tokens", [
+        (1, "XDiTUNetLoader", ["wan2.1_t2v_1.3B_fp16.safetensors", "default", *DISPATCH], []),
+        (2, "ModelSamplingSD3", [8.0], ["model"]),
+        (3, "XDiTCLIPLoader", ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], []),
+        (4, "CLIPTextEncode", ["a red panda walking through fresh snow in a bamboo forest, cinematic"], ["clip"]),
+        (5, "CLIPTextEncode", ["static, blurry, low quality, watermark, subtitles"], ["clip"]),
+        (6, "EmptyHunyuanLatentVideo", [832, 480, 33, 1], []),
+        (7, "XDiTKSampler", ksampler(17, 30, 6.0, "uni_pc", "simple"),
+         ["model", "positive", "negative", "latent_image", "xdit_dispatcher"]),
+        (8, "XDiTVAELoader", ["wan_2.1_vae.safetensors", "default"], []),
+        (9, "VAEDecode", [], ["samples", "vae"]),
+        (10, "SaveAnimatedWEBP", ["xdit_wan21", 16.0, False, 90, "default"], ["images"]),
+    ], [(1, 0, 2, "model"), (3, 0, 4, "clip"), (3, 0, 5, "clip"), (2, 0, 7, "model"), (4, 0, 7, "positive"),
+        (5, 0, 7, "negative"), (6, 0, 7, "latent_image"), (1, 1, 7, "xdit_dispatcher"), (7, 0, 9, "samples"),
+        (8, 0, 9, "vae"), (9, 0, 10, "images")])
+
+
+def wan22_t2v() -> dict:
+    """Wan 2.2 TI2V-5B as text-to-video (Wan22ImageToVideoLatent without a start image: no noise mask)."""
+    return build("Wan 2.2 5B text-to-video on all GPUs (xDiT): CFG x sequence parallel over video tokens", [
+        (1, "XDiTUNetLoader", ["wan2.2_ti2v_5B_fp16.safetensors", "default", *DISPATCH], []),
+        (2, "ModelSamplingSD3", [8.0], ["model"]),
+        (3, "XDiTCLIPLoader", ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], []),
+        (4, "CLIPTextEncode", ["a paper boat drifting down a rain gutter, macro lens, shallow depth of field"],
+         ["clip"]),
+        (5, "CLIPTextEncode", ["static, blurry, low quality, watermark, subtitles"], ["clip"]),
+        (6, "XDiTVAELoader", ["wan2.2_vae.safetensors", "default"], []),
+        (7, "Wan22ImageToVideoLatent", [1280, 704, 49, 1], ["vae"]),
+        (8, "XDiTKSampler", ksampler(23, 20, 5.0, "uni_pc", "simple"),
+         ["model", "positive", "negative", "latent_image", "xdit_dispatcher"]),
+        (9, "VAEDecode", [], ["samples", "vae"]),
+        (10, "SaveAnimatedWEBP", ["xdit_wan22", 24.0, False, 90, "default"], ["images"]),
+    ], [(1, 0, 2, "model"), (3, 0, 4, "clip"), (3, 0, 5, "clip"), (6, 0, 7, "vae"), (2, 0, 8, "model"),
+        (4, 0, 8, "positive"), (5, 0, 8, "negative"), (7, 0, 8, "latent_image"), (1, 1, 8, "xdit_dispatcher"),
+        (8, 0, 9, "samples"), (6, 0, 9, "vae"), (9, 0, 10, "images")])
+
+
 WORKFLOWS = {
     "flux_xdit_multigpu": flux,
     "sd3_xdit_multigpu": sd3,
@@ -172,6 +235,16 @@ WORKFLOWS = {
         ksampler(5, 25, 6.0, "euler", "normal"), "xdit_hunyuan_dit"),
     "chroma_xdit_multigpu": chroma,
     "qwen_image_xdit_multigpu": qwen_image,
+    "lumina2_xdit_multigpu": lambda: lumina_graph(
+        "Lumina Image 2.0 on all GPUs (xDiT): CFG x sequence parallel", "lumina_2_model_bf16.safetensors",
+        "gemma_2_2b_fp16.safetensors", LUMINA2_SYSTEM + "a fox made of origami in a paper forest, soft studio light",
+        6.0, ksampler(31, 25, 4.0, "res_multistep", "simple"), "xdit_lumina2"),
+    "z_image_xdit_multigpu": lambda: lumina_graph(
+        "Z-Image Turbo on all GPUs (xDiT): sequence parallel (cfg 1)", "z_image_turbo_bf16.safetensors",
+        "qwen_3_4b.safetensors", "a street food stall at night in the rain, neon reflections, 35mm photo",
+        3.0, ksampler(37, 9, 1.0, "res_multistep", "simple"), "xdit_z_image"),
+    "wan21_t2v_xdit_multigpu": wan21_t2v,
+    "wan22_t2v_xdit_multigpu": wan22_t2v,
 }
 
 if __name__ == "__main__":
