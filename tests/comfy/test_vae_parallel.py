@@ -72,6 +72,16 @@ def test_parallel_tiled_decode_equals_comfy_tiled_decode(vaes, kind, slots, batc
     assert f"tiles over {slots} CPU slots" in caplog.text
 
 
+def test_image_within_one_tile_and_batch(vaes):
+    """ComfyUI's tiler decodes an input that fits one tile whole (another code path in its blending)."""
+    import torch
+
+    vae = vaes["kl"]
+    lat = _latent(vae, 2, 6, 7)
+    assert torch.equal(_par(vae, 2).decode_tiled(lat, tile_x=8, tile_y=8, overlap=2),
+                       vae.decode_tiled(lat, tile_x=8, tile_y=8, overlap=2))
+
+
 @pytest.mark.parametrize("kind", ["kl", "taesd"])
 def test_parallel_tiled_encode_equals_comfy_tiled_encode(vaes, kind):
     """Odd image (150x206, which ComfyUI crops to 144x200), 64-px tiles with 16-px overlap."""
@@ -221,3 +231,21 @@ def test_node_validation_names_the_field(comfy_root, text, problem):
     assert isinstance(msg, str) and msg.startswith("parallel_devices: ") and problem in msg
     assert XDiTVAELoader.VALIDATE_INPUTS("default", "cpu:2") is True
     assert XDiTVAELoader.VALIDATE_INPUTS("default") is True
+
+
+def test_bench_runs_tiny_on_cpu_slots(comfy_root, tmp_path):
+    """``python -m xdit_multigpu.bench.vae --tiny`` (the GPU bench's code path on 2 CPU slots) cannot rot."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, COMFYUI_PATH=comfy_root, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "xdit_multigpu.bench.vae", "--out", str(tmp_path), "--tiny", "--size", "128",
+           "--slots", "1", "2", "--repeats", "1"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    report = json.loads((tmp_path / "vae.json").read_text())
+    assert report["tiles"] > 3 and [len(run["devices"]) for run in report["runs"]] == [1, 2]
+    assert all(run["equal"] and run["max_abs"] == 0 for run in report["runs"])

@@ -37,7 +37,11 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 
 
 def _placeholder(t: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(()).expand(t.shape[0], 2, t.shape[-1])
+    return torch.zeros(()).expand(t.shape[0], 2, 1)  # blended in one position: the rehearsal is discarded
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return (t.shape[0], 2, t.shape[-1])
 
 
 def _runners(n: int, seen: list | None = None):
@@ -58,7 +62,7 @@ def test_equals_the_host_run_directly(slots: int, max_batch: int) -> None:
     x = torch.randn(2, 1, 23, generator=torch.Generator().manual_seed(0))
     tiled = _tiler(x)
     seen: list = []
-    out, stats = run_tiled(tiled, _runners(slots, seen), _placeholder, timeout_s=30, max_batch=max_batch)
+    out, stats = run_tiled(tiled, _runners(slots, seen), _placeholder, _shape, timeout_s=30, max_batch=max_batch)
     assert torch.equal(out, tiled(_compute))
     assert stats.tiles == 8 and sum(stats.per_slot) == 8 and len(stats.per_slot) == slots
     assert all(name.startswith("xdit-tile-") for _, name in seen)  # never on the host thread
@@ -84,21 +88,21 @@ def test_a_host_that_tiles_differently_on_replay_is_refused() -> None:
         return _tiler(x, tile=4 if rehearsal else 5)(fn)
 
     with pytest.raises(TileOrderError, match="rehearsal had"):
-        run_tiled(unstable, _runners(2), _placeholder, timeout_s=30)
+        run_tiled(unstable, _runners(2), _placeholder, _shape, timeout_s=30)
 
     def drops_one(fn, rehearsal: bool):
         return _tiler(x)(fn) if rehearsal else _tiler(x[..., :-3])(fn)
 
     with pytest.raises(TileOrderError, match="of 8 rehearsed tiles"):
-        run_tiled(drops_one, _runners(2), _placeholder, timeout_s=30)
+        run_tiled(drops_one, _runners(2), _placeholder, _shape, timeout_s=30)
 
 
-def test_wrong_placeholder_shape_is_refused() -> None:
-    """A placeholder the host can blend but the real output does not match: the caller must know."""
+def test_an_output_of_another_shape_is_refused() -> None:
+    """The caller's expected shape and the real output disagree: the caller must know (and run serially)."""
     x = torch.randn(1, 1, 23)
-    short = lambda t: torch.zeros(()).expand(t.shape[0], 2, t.shape[-1] - 1)  # noqa: E731
-    with pytest.raises(TileShapeError, match="placeholder"):
-        run_tiled(_tiler(x), _runners(2), short, timeout_s=30)
+    short = lambda t: (t.shape[0], 2, t.shape[-1] - 1)  # noqa: E731
+    with pytest.raises(TileShapeError, match="expected"):
+        run_tiled(_tiler(x), _runners(2), _placeholder, short, timeout_s=30)
 
 
 def test_a_failing_tile_raises_its_error_and_stops_the_threads() -> None:
@@ -109,7 +113,7 @@ def test_a_failing_tile_raises_its_error_and_stops_the_threads() -> None:
 
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="simulated"):
-        run_tiled(_tiler(x), [_compute, bad], _placeholder, timeout_s=30)
+        run_tiled(_tiler(x), [_compute, bad], _placeholder, _shape, timeout_s=30)
     deadline = time.monotonic() + 10
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -124,4 +128,4 @@ def test_a_stalled_device_times_out() -> None:
         return _compute(t)
 
     with pytest.raises(WorkerTimeout, match="did not finish within"):
-        run_tiled(_tiler(x), [slow], _placeholder, timeout_s=0.2)
+        run_tiled(_tiler(x), [slow], _placeholder, _shape, timeout_s=0.2)

@@ -214,9 +214,14 @@ class XDiTVAE(comfy.sd.VAE):
         runners = self._xdit_runners(method)
         out_dev = self.output_device
 
+        def out_shape(tile: torch.Tensor) -> tuple[int, ...]:
+            # What the tiler sizes its output by (round(get_scale)); a real tile of another shape is refused.
+            return (tile.shape[0], channels) + tuple(_scaled(scale, d, s) for d, s in enumerate(tile.shape[2:]))
+
         def placeholder(tile: torch.Tensor) -> torch.Tensor:
-            # The shape the tiler blends for this tile; zero-stride: costs no memory, never read back.
-            shape = (tile.shape[0], channels) + tuple(_scaled(scale, d, s) for d, s in enumerate(tile.shape[2:]))
+            # A 1x1 tile: the tiler blends it in a single pixel (or broadcasts it where the whole input is one
+            # tile), so the rehearsal costs no per-tile blending; its result is discarded.
+            shape = (tile.shape[0], channels) + (1,) * (tile.ndim - 2)
             return torch.zeros((), dtype=torch.float32, device=out_dev).expand(shape)
 
         def tiled(fn: Callable[[Any], Any], rehearsal: bool) -> Any:
@@ -227,7 +232,8 @@ class XDiTVAE(comfy.sd.VAE):
 
         t0 = time.perf_counter()
         try:
-            out, stats = run_tiled(tiled, runners, placeholder, timeout_s=cfg.timeout_s, max_batch=cfg.max_batch)
+            out, stats = run_tiled(tiled, runners, placeholder, out_shape, timeout_s=cfg.timeout_s,
+                                   max_batch=cfg.max_batch)
         except TileShapeError as e:
             _report(f"VAE {what}: {e}; ComfyUI's tiler on one device instead")
             return host()

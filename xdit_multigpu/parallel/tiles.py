@@ -5,7 +5,8 @@ calls ``fn(tile)`` tile by tile, and blends the outputs with feathered masks. ``
 twice:
 
 1. rehearsal: ``fn`` records each tile input, hands it to the device threads at once, and returns a
-   placeholder of the output shape (no compute; the host's blending of placeholders is discarded);
+   cheap placeholder (no compute; the host's blending of placeholders is discarded, so the placeholder
+   only has to be something the host can blend: the VAE hands a 1x1 tile that broadcasts);
 2. replay: ``fn`` returns the real output of the i-th tile, in the recorded order, as soon as the
    device that computed it is done (so the host's blending overlaps with the remaining tiles).
 
@@ -13,8 +14,8 @@ Contract: if ``tiled`` calls ``fn`` with the same sequence of tile shapes in bot
 deterministic function of its input, as ComfyUI's tiler is) and ``runner(x)`` computes what the host's
 ``fn(x)`` would, the result is the host's own tiled result, bit for bit. A replayed tile whose shape
 differs from the rehearsal's, a missing or an extra tile, raises ``TileOrderError``; a real output
-whose shape differs from its placeholder raises ``TileShapeError`` (the caller then runs the host
-serially). Generic: never names a model; torch is only needed for ``max_batch > 1``.
+whose shape differs from the expected one (``out_shape``) raises ``TileShapeError`` (the caller then
+runs the host serially). Generic: never names a model; torch is only needed for ``max_batch > 1``.
 """
 
 from __future__ import annotations
@@ -164,24 +165,24 @@ def run_tiled(
     tiled: Tiled[R],
     runners: Sequence[TileFn],
     placeholder: Callable[[Any], Any],
+    out_shape: Callable[[Any], tuple[int, ...]],
     *,
     timeout_s: float,
     max_batch: int = 1,
 ) -> tuple[R, TileStats]:
     """``tiled(fn, rehearsal)`` with every ``fn(tile)`` computed by ``runners`` (one per device slot).
 
-    ``placeholder(tile)`` returns what the rehearsal hands the host for a tile: a tensor of the real
-    output's shape, dtype and device (its values are never used). Each wait for a tile is bounded by
+    ``placeholder(tile)`` is what the rehearsal hands the host for a tile (its values are never used);
+    ``out_shape(tile)`` the shape the real output must have. Each wait for a tile is bounded by
     ``timeout_s``. Returns the replay's result and which slot ran how many tiles.
     """
     pool = TilePool(runners, max_batch=max_batch)
-    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (input shape, placeholder shape) per tile
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (input shape, expected output shape) per tile
 
     def record(tile: Any) -> Any:
-        ph = placeholder(tile)
-        shapes.append((tuple(tile.shape), tuple(ph.shape)))
+        shapes.append((tuple(tile.shape), tuple(out_shape(tile))))
         pool.submit(tile)
-        return ph
+        return placeholder(tile)
 
     cursor = [0]
 
@@ -193,7 +194,7 @@ def run_tiled(
         cursor[0] = i + 1
         out = pool.result(i, timeout_s)
         if tuple(out.shape) != shapes[i][1]:
-            raise TileShapeError(f"tile {i}: output shape {tuple(out.shape)} != placeholder {shapes[i][1]}")
+            raise TileShapeError(f"tile {i}: output shape {tuple(out.shape)} != expected {shapes[i][1]}")
         return out
 
     try:
