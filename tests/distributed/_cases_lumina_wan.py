@@ -119,6 +119,29 @@ def image_tokens(name: str, case: VCase) -> int:
     return -(-tokens // 32) * 32 if name == "zimage" else tokens
 
 
+def _count_sequence_calls() -> list[int]:
+    """Count the attention calls that reach the override with a live sequence state (so take the
+    sequence-parallel path) in this rank process (spawned per test: the patch dies with it)."""
+    import xdit_multigpu.parallel.apply as apply_mod
+    from xdit_multigpu.parallel.sequence import state_of
+
+    calls = [0]
+    make = apply_mod.make_attention_override
+
+    def counting(attn: Any) -> Any:
+        inner = make(attn)
+
+        def override(func: Any, *args: Any, **kwargs: Any) -> Any:
+            state = state_of(kwargs.get("transformer_options"))
+            calls[0] += int(state is not None and state.active)
+            return inner(func, *args, **kwargs)
+
+        return override
+
+    apply_mod.make_attention_override = counting
+    return calls
+
+
 def run_cases(rank: int, world: int, payload: tuple[str, list[VCase]]) -> dict[str, Any]:
     """Rank entry: parallel runs for every case, then (rank 0) the one-device references."""
     import torch.distributed as dist
@@ -130,6 +153,7 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[VCase]]) -> dict[s
     from xdit_multigpu.parallel.hooks import OVERRIDE_KEY
 
     name, cases = payload
+    seq_calls = _count_sequence_calls()
     notes: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
@@ -147,9 +171,14 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[VCase]]) -> dict[s
         patched = parallelize(base, spec, plan, groups)
         if case.variant == "no_override":  # negative control: local-only attention must be caught
             drop_sequence_attention(patched)
+        if case.variant == "no_cross_patch":  # negative control of the Wan cross-attention object patch
+            for key in [k for k in patched.object_patches if k.endswith(".cross_attn.forward")]:
+                patched.object_patches.pop(key)
         t0 = time.perf_counter()
+        seq_calls[0] = 0
         out["parallel"].append(sample(patched, name, case).numpy())
         out["times"].append(time.perf_counter() - t0)
+        out.setdefault("seq_calls", []).append(seq_calls[0])
         out["fallback"].append(any("all-gather" in n for n in notes))
         notes.clear()
     dist.barrier()

@@ -14,6 +14,9 @@ CFG 2 x Ulysses 2, CFG 2 x Ring 2). Extra cases per rank count:
   unsharded caption refiner);
 * Wan 2.2: a TI2V-style noise mask (frame 0 kept), so the timestep and ``e0`` are per frame and must be
   spread over the tokens before slicing;
+* Wan: 8 video tokens per rank and 8 text tokens (the override cannot tell cross- from self-attention
+  by shape); negative control: without the ``cross_attn`` object patch twice as many attention calls
+  take the sequence path;
 * CFG 2 with cfg 1.0 (one active cond), and a negative control (sharding without the distributed
   attention must differ from one device by > 1e-2).
 """
@@ -69,6 +72,9 @@ def _cases(family: str, ranks: int) -> list[VCase]:
     ]
     if ranks == 2:
         cases.append(VCase((2, 1, 1), size=size, frames=frames, cfg_scale=1.0))  # one active cond
+    if family.startswith("wan") and ranks == 2:  # 16 video tokens: 8 per rank == 8 text tokens
+        cases.append(VCase((1, 2, 1), size=8, frames=1, variant="text_eq_local"))
+        cases.append(VCase((1, 2, 1), size=8, frames=1, variant="no_cross_patch"))
     if family == "wan22":
         cases.append(VCase(sp_plan, size=size, frames=frames, variant="frame_mask"))
         cases.append(VCase(sp_plan, size=odd, frames=odd_frames, variant="frame_mask"))
@@ -106,6 +112,15 @@ def test_matches_one_device(family: str, ranks: int, index: int, comfy_root: str
     assert res[0]["methods_restored"], "the one-device reference ran with an object patch of a parallel clone"
     if case.variant == "no_override":
         assert min(diffs) > 1e-2, f"negative control was not caught: diffs {diffs}"
+        return
+    if case.variant == "no_cross_patch":
+        # Without the cross_attn object patch a rank holding as many video tokens as the text has sends
+        # cross-attention through the sequence path too (2 calls per block instead of 1). Numerically that
+        # stays equal here (all ranks hold the same text: duplicated keys), but with uneven shards the ranks
+        # would run different collectives; the count is what the patch guarantees.
+        patched = cases.index(VCase((1, 2, 1), size=8, frames=1, variant="text_eq_local"))
+        assert [r["seq_calls"][index] for r in res] == [2 * r["seq_calls"][patched] for r in res]
+        assert res[0]["seq_calls"][patched] > 0
         return
     assert max(diffs) <= TOL, f"{case}: max |parallel - one device| per rank {diffs} > {TOL}"
     sp = case.plan[1] * case.plan[2]
