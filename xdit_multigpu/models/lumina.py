@@ -68,14 +68,14 @@ class _JointRope:
 
 def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
     """Install NextDiT sequence parallel on ``patcher`` (a clone). See the module docstring."""
-    import comfy.patcher_extension  # noqa: PLC0415  (the package imports without ComfyUI)
-
     dm = patcher.model.diffusion_model
     n_refiner, n_layers = len(dm.noise_refiner), len(dm.layers)
     if n_refiner == 0 or n_layers == 0:
         raise UnsupportedModelError(
             "model", f"this NextDiT has {n_refiner} noise-refiner and {n_layers} joint layers; sequence parallel "
             "shards the image at the first noise-refiner block", "Choose CFG parallel for this model")
+    import comfy.patcher_extension  # noqa: PLC0415  (the package imports without ComfyUI)
+
     last = n_layers - 1
     rope = _JointRope()
 

@@ -73,9 +73,9 @@ def local_vec(ctx: SequenceParallel, state: SequenceState, vec: torch.Tensor) ->
 
 def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
     """Install Wan T2V sequence parallel on ``patcher`` (a clone). See the module docstring."""
+    n_blocks = _check_supported(patcher.model.diffusion_model)  # refuses before anything is imported / touched
     import comfy.patcher_extension  # noqa: PLC0415  (the package imports without ComfyUI)
 
-    n_blocks = _check_supported(patcher.model.diffusion_model)
     last = n_blocks - 1
 
     def diffusion_model(executor: Any, *args: Any, **kwargs: Any) -> Any:
