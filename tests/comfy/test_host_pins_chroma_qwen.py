@@ -57,6 +57,18 @@ def test_chroma_hooks(comfy_root: str) -> None:
     _has(Chroma.get_modulations, 'return (tensor[:, -2:-1, :], tensor[:, -1:, :])')
 
 
+def test_chroma_radiance_runs_chromas_transformer(comfy_root: str) -> None:
+    """Chroma Radiance is driven by the Chroma hooks: it inherits ``forward_orig`` and the DIFFUSION_MODEL
+    forward, and its NeRF head reads the transformer output after ``forward_orig`` returns (gathered)."""
+    from comfy.ldm.chroma.model import Chroma
+    from comfy.ldm.chroma_radiance.model import ChromaRadiance
+
+    assert issubclass(ChromaRadiance, Chroma)
+    assert ChromaRadiance.forward_orig is Chroma.forward_orig and ChromaRadiance.forward is Chroma.forward
+    _has(ChromaRadiance._forward, "img_out = self.forward_orig(", "return self.forward_nerf(img, img_out, params)")
+    _has(ChromaRadiance.img_in, "img = self.img_in_patch(img)", "return img.flatten(2).transpose(1, 2)")
+
+
 def test_chroma_blocks_are_flux_blocks(comfy_root: str) -> None:
     """Chroma's blocks are Flux's: joint attention through ``flux.math.attention`` with the options,
     ``[txt | img]`` order unless ``flipped_img_txt`` (refused by the installer)."""

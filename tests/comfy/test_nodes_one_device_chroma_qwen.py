@@ -1,10 +1,11 @@
-"""On one device KSampler (xDiT Multi-GPU) is the stock KSampler for Chroma and Qwen-Image: identical
+"""On one device KSampler (xDiT Multi-GPU) is the stock KSampler for Chroma, Chroma Radiance and Qwen-Image: identical
 latents (max abs diff 0).
 
 The tiny files load from their explicit unet_config through ComfyUI's own ``model_config_from_unet_config``
 (ComfyUI's detection hard-codes 3072-wide layouts; see ``xdit_multigpu.testing.tiny_models_chroma_qwen``),
 as Flux does in ``test_nodes_one_device.py``. Qwen-Image's empty latent becomes ``(1, 16, 1, H, W)`` in
-ComfyUI's ``fix_empty_latent_channels`` (Wan21 latent format), in both samplers alike.
+ComfyUI's ``fix_empty_latent_channels`` (Wan21 latent format), in both samplers alike; Chroma Radiance
+samples the 3-channel image itself (here 32 x 32 pixels: 2 x 2 patches of 16).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tests.comfy.test_nodes_one_device import _load
 
 pytestmark = pytest.mark.comfy
 
-FAMILIES = ["chroma", "qwen_image"]
+FAMILIES = ["chroma", "chroma_radiance", "qwen_image"]
 
 
 @pytest.fixture(scope="module")

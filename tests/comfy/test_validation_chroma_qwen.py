@@ -2,8 +2,9 @@
 
 ``engine.model_info`` runs ComfyUI's detection on the safetensors *header* only (meta tensors), so a
 file holding just the keys detection looks at, at tiny shapes, is detected exactly as the real
-checkpoint is (Chroma: 24 heads; Qwen-Image: the class defaults). ChromaRadiance (pixel space, NeRF
-head) is a different ``supported_models`` class that no spec lists: refused at the node, naming it.
+checkpoint is (Chroma: 24 heads; Qwen-Image: the class defaults). Chroma Radiance (pixel space, NeRF
+head) is its own ``supported_models`` class, listed by the Chroma spec. Combinations the families cannot
+do are refused at the node, naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def _validate(name: str, devices: str = "cpu:2", strategy: str = "Hybrid"):
     return XDiTUNetLoader.VALIDATE_INPUTS(name, "default", devices, strategy, "round_robin")
 
 
-@pytest.mark.parametrize(("family", "config_class", "heads"), [("chroma", "Chroma", 24), ("qwen_image", "QwenImage", 24)])
-def test_detected_and_accepted(header_files, family, config_class, heads):
+@pytest.mark.parametrize(("family", "config_class", "spec_name"), [
+    ("chroma", "Chroma", "chroma"), ("chroma_radiance", "ChromaRadiance", "chroma"), ("qwen_image", "QwenImage", "qwen_image"),
+])
+def test_detected_and_accepted(header_files, family, config_class, spec_name):
     import folder_paths
 
     from xdit_multigpu.config import LoaderKind
@@ -52,14 +55,17 @@ def test_detected_and_accepted(header_files, family, config_class, heads):
     name = header_files[family]
     info = inspect_model_file("unet_name", folder_paths.get_full_path("diffusion_models", name), name,
                               LoaderKind.DIFFUSION_MODEL)
-    assert info is not None and info.config_class == config_class and info.spec.name == family
-    assert info.heads == heads  # real checkpoints: Ulysses 2 / 3 / 4 / 6 / 8, the rest on Ring
+    assert info is not None and info.config_class == config_class and info.spec.name == spec_name
+    assert info.heads == 24  # real checkpoints: Ulysses 2 / 3 / 4 / 6 / 8, the rest on Ring
     for devices, strategy in (("cpu:2", "Hybrid"), ("cpu:4", "USP"), ("cpu:2", "CFG"), ("cpu:8", "Hybrid")):
         assert _validate(name, devices, strategy) is True, (devices, strategy)
 
 
-def test_chroma_radiance_is_refused_at_the_node(header_files):
-    msg = _validate(header_files["chroma_radiance"])
-    assert isinstance(msg, str) and msg.startswith("unet_name:"), msg
-    assert "is a ChromaRadiance model, which this pack cannot run in parallel yet" in msg
-    assert "Chroma" in msg and "Use ComfyUI's stock loader" in msg
+@pytest.mark.parametrize("family", ["chroma", "chroma_radiance", "qwen_image"])
+def test_unsupported_combinations_are_refused_at_the_node(header_files, family):
+    name = header_files[family]
+    msg = _validate(name, "cpu:4", "CFG")
+    assert isinstance(msg, str) and msg.startswith("parallel_strategy: CFG parallel runs cond and uncond on exactly 2"), msg
+    assert "choose Hybrid" in msg
+    msg = _validate(name, "cpu:2", "Tensor")
+    assert isinstance(msg, str) and msg.startswith("parallel_strategy: Tensor is not yet available"), msg

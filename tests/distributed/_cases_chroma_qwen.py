@@ -4,11 +4,13 @@ Same protocol as ``_cases.run_cases`` (every rank runs each case's plan through 
 ComfyUI's ``comfy.sample.sample``; rank 0 then computes the one-device references in the same process,
 after the parallel runs). The models are the tiny recipes of ``xdit_multigpu.testing.tiny_models_chroma_qwen``
 built from their explicit unet_config through ComfyUI's own ``supported_models.Chroma`` / ``QwenImage``
-(detection hard-codes 3072-wide layouts), with fp32 weights from ``_cases._init_weights``.
+(and ``ChromaRadiance``; detection hard-codes 3072-wide layouts), with fp32 weights from
+``_cases._init_weights``. Chroma Radiance samples in pixel space with 16 x 16 patches: its cases use an
+8x larger side, so ``case.size`` gives the same token grid for every family.
 
 Variants (besides ``_cases``' ``neg_text`` / ``no_override``):
 
-* ``mask`` (Chroma): a full-square ``[txt | img]`` attention mask through ``attention_mask`` +
+* ``mask`` (Chroma, Chroma Radiance): a full-square ``[txt | img]`` attention mask through ``attention_mask`` +
   ``attention_mask_img_shape`` (``model_base.Flux.extra_conds``, which Chroma inherits);
 * ``ref`` / ``ref_odd`` (Qwen-Image): Qwen-Image-Edit reference latents appended to the image stream
   (``ref_odd``: 3 x 5 reference tokens, positive only -> uneven shards, cond / uncond of different length);
@@ -35,9 +37,10 @@ def build_model(name: str) -> Any:
     import comfy.supported_models as sm
     import torch
 
-    from xdit_multigpu.testing.tiny_models_chroma_qwen import CHROMA_TINY, QWEN_IMAGE_TINY
+    from xdit_multigpu.testing.tiny_models_chroma_qwen import CHROMA_RADIANCE_TINY, CHROMA_TINY, QWEN_IMAGE_TINY
 
-    cls, config = {"chroma": (sm.Chroma, CHROMA_TINY), "qwen_image": (sm.QwenImage, QWEN_IMAGE_TINY)}[name]
+    cls, config = {"chroma": (sm.Chroma, CHROMA_TINY), "chroma_radiance": (sm.ChromaRadiance, CHROMA_RADIANCE_TINY),
+                   "qwen_image": (sm.QwenImage, QWEN_IMAGE_TINY)}[name]
     mc = cls(dict(config))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, "")
@@ -50,7 +53,7 @@ def conds(name: str, case: Case) -> tuple[list[Any], list[Any]]:
 
     gen = torch.Generator().manual_seed(3)
     # Chroma (T5 only): CLIPTextEncode gives pooled_output None, and model_base.Flux reads the key
-    base = {"pooled_output": None} if name == "chroma" else {}
+    base = {"pooled_output": None} if name.startswith("chroma") else {}
     pos = [[torch.randn(1, TEXT_LEN, 64, generator=gen), dict(base)]]
     neg = [[torch.randn(1, TEXT_LEN - 3 if case.variant == "neg_text" else TEXT_LEN, 64, generator=gen), dict(base)]]
     if case.variant == "mask":
@@ -97,7 +100,9 @@ def sample(patcher: Any, name: str, case: Case) -> Any:
     import torch
 
     # 4-D empty latent: fix_empty_latent_channels makes it (1, 16, 1, H, W) for Qwen-Image (Wan21 format)
-    latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, case.size, case.size))
+    # and (1, 3, H, W) for Chroma Radiance, whose "latent" is the image (8x the side: same token grid).
+    side = case.size * PIXEL_SCALE.get(name, 1)
+    latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, side, side))
     seed = 42
     noise = comfy.sample.prepare_noise(latent, seed)
     pos, neg = conds(name, case)
@@ -106,6 +111,7 @@ def sample(patcher: Any, name: str, case: Case) -> Any:
                                    latent, denoise=case.denoise, seed=seed, disable_pbar=True)
 
 
+PIXEL_SCALE = {"chroma_radiance": 8}  # latent side per case.size unit (patch 16 instead of 8 x patch 2)
 NEGATIVE = ("no_override", "wrong_rope")  # negative controls: compared with the plain case's reference
 
 

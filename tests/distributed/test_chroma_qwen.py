@@ -1,4 +1,5 @@
-"""Parallel sampling == one-device sampling for Chroma and Qwen-Image (tiny fp32, CPU gloo ranks).
+"""Parallel sampling == one-device sampling for Chroma, Chroma Radiance and Qwen-Image (tiny fp32, CPU
+gloo ranks).
 
 Tiny models: explicit unet_config through ComfyUI's ``supported_models.Chroma`` / ``QwenImage`` (ComfyUI's
 detection hard-codes 3072-wide layouts; see ``xdit_multigpu.testing.tiny_models_chroma_qwen``).
@@ -9,7 +10,8 @@ in the same process (``_cases_chroma_qwen``). Per family and rank count (2 and 4
   Ring, Ulysses x Ring, CFG x Ulysses, CFG x Ring (4 ranks) -- the planner's Hybrid choices among them;
 * uneven shards (18 x 18 latent: 81 tokens, exact all-gather path) on Ulysses(-x-Ring) and on Ring;
   cond / uncond of different text lengths; CFG scale 1 (one active cond);
-* Chroma: a full-square attention mask; Qwen-Image: Qwen-Image-Edit reference latents (even, and 15
+* Chroma (latent) and Chroma Radiance (pixel space, NeRF head run on the gathered tokens): a
+  full-square attention mask; Qwen-Image: Qwen-Image-Edit reference latents (even, and 15
   reference tokens on the positive only) and a Qwen-Image ControlNet (alone, and with the 15 reference
   tokens, so the residuals' end at token L falls inside a shard);
 * negative controls that must differ by > 1e-2: attention left local (``no_override``) and every rank
@@ -43,8 +45,8 @@ TOL = 1e-4
 HEADS = 4  # both tiny models
 SAMPLERS = ("euler", "dpmpp_2m")
 PLANS = {2: [(1, 2, 1), (1, 1, 2), (2, 1, 1)], 4: [(1, 4, 1), (1, 1, 4), (1, 2, 2), (2, 2, 1), (2, 1, 2)]}
-SPECS = {"chroma": families.CHROMA, "qwen_image": families.QWEN_IMAGE}
-EXTRA = {"chroma": ("mask",), "qwen_image": ("ref", "control", "control_ref", "ref_odd")}
+SPECS = {"chroma": families.CHROMA, "chroma_radiance": families.CHROMA, "qwen_image": families.QWEN_IMAGE}
+EXTRA = {"chroma": ("mask",), "chroma_radiance": ("mask",), "qwen_image": ("ref", "control", "control_ref", "ref_odd")}
 
 
 def _cases(family: str, ranks: int) -> list[Case]:

@@ -1,4 +1,9 @@
-"""Chroma sequence parallel through ComfyUI extension points (``comfy/ldm/chroma/model.py``).
+"""Chroma and Chroma Radiance sequence parallel through ComfyUI extension points
+(``comfy/ldm/chroma/model.py``, ``comfy/ldm/chroma_radiance/model.py``).
+
+Chroma Radiance inherits Chroma's ``forward_orig`` (its ``img_in`` is a 16 x 16 patch convolution, its
+``_forward`` builds the same ids): the hooks below shard and gather its transformer exactly as Chroma's;
+its per-patch NeRF pixel head (``forward_nerf``) then runs on the gathered tokens, whole, on every rank.
 
 Chroma runs Flux's own ``DoubleStreamBlock`` / ``SingleStreamBlock`` (``modulation=False``: every
 block's modulation comes from the distilled "approximator", per sample, not per token) and Flux's

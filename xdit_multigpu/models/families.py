@@ -147,8 +147,8 @@ WAN_T2V = register(
 CHROMA = register(
     ModelSpec(
         name="chroma",
-        display="Chroma",
-        config_classes=("Chroma",),  # not ChromaRadiance (pixel space, NeRF head): unlisted -> unsupported
+        display="Chroma / Chroma Radiance",
+        config_classes=("Chroma", "ChromaRadiance"),  # Radiance: same forward_orig, then a per-patch NeRF head
         axes=_SP,
         heads=_num_heads,  # detection sets 24
         hook="dit double_block / single_block replace on every block (shard / slice RoPE / gather) + attention override",

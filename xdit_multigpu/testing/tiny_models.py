@@ -482,7 +482,7 @@ def conditioning_for(
         extras["pooled_output"] = torch.randn(batch, tiny.pooled_dim, generator=gen)
     if fam.startswith("flux"):
         extras["guidance"] = guidance
-    elif fam == "chroma":  # T5-only: CLIPTextEncode gives pooled_output None (model_base.Flux reads the key)
+    elif fam.startswith("chroma"):  # T5-only: CLIPTextEncode gives pooled_output None (model_base.Flux reads the key)
         extras["pooled_output"] = None
     elif fam == "sdxl":
         extras.update(width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height)

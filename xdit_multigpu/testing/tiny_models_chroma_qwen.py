@@ -1,21 +1,24 @@
-"""Tiny random-weight Chroma and Qwen-Image diffusion models (recipes for ``tiny_models``).
+"""Tiny random-weight Chroma, Chroma Radiance and Qwen-Image diffusion models (recipes for ``tiny_models``).
 
-Both load through an explicit ``unet_config`` (``LoadSpec.unet_config_json``), as Flux does, because
+All load through an explicit ``unet_config`` (``LoadSpec.unet_config_json``), as Flux does, because
 ComfyUI's detection hard-codes sizes that are far from tiny:
 
-===========  =============================  ==================================================
-family       ComfyUI class                  why not detected
-===========  =============================  ==================================================
-chroma       supported_models.Chroma        detection fixes 24 heads, axes [16, 56, 56] (head dim
-                                            128) and the approximator's out_dim 3072 = hidden, so
-                                            hidden must be 3072
-qwen_image   supported_models.QwenImage     detection reads only in_channels and num_layers: 24
-                                            heads x 128 and joint_attention_dim 3584 stay default
-===========  =============================  ==================================================
+================  ===============================  ==============================================
+family            ComfyUI class                    why not detected
+================  ===============================  ==============================================
+chroma            supported_models.Chroma          detection fixes 24 heads, axes [16, 56, 56]
+                                                   (head dim 128) and the approximator's out_dim
+                                                   3072 = hidden, so hidden must be 3072
+chroma_radiance   supported_models.ChromaRadiance  as chroma (pixel space: patch 16; the NeRF
+                                                   head's sizes are fixed by detection too)
+qwen_image        supported_models.QwenImage       detection reads only in_channels and
+                                                   num_layers: 24 heads x 128 and
+                                                   joint_attention_dim 3584 stay default
+================  ===============================  ==============================================
 
 The configs still go through ``model_config_from_unet_config`` (ComfyUI's own class matching) and the
 real ``comfy.ldm.chroma`` / ``comfy.ldm.qwen_image`` modules. Opt-in families: name them in
-``write_tiny_models(out, ["chroma", "qwen_image"])``.
+``write_tiny_models(out, ["chroma", "chroma_radiance", "qwen_image"])``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ CHROMA_TINY = {
     "n_layers": 2,
 }
 
+# Chroma Radiance: the same transformer on 16 x 16 pixel patches (no VAE), a per-patch NeRF pixel head.
+CHROMA_RADIANCE_TINY = dict(
+    CHROMA_TINY, image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
+    nerf_hidden_size=16, nerf_mlp_ratio=2, nerf_depth=2, nerf_max_freqs=4, nerf_tile_size=16,
+    nerf_final_head_type="linear", nerf_embedder_dtype=None,
+)
+
 # Qwen-Image: joint [text | image] attention in every block (MMDiT-like), RoPE over both streams.
 QWEN_IMAGE_TINY = {
     "image_model": "qwen_image",
@@ -64,6 +74,12 @@ CHROMA = _Recipe(
          extra_cond="none (guidance defaults to 0, as model_base.Chroma does)"),
     default=False,
 )
+CHROMA_RADIANCE = _Recipe(
+    "chroma_radiance", DIFFUSION_MODELS, "unet", CHROMA_RADIANCE_TINY, "ChromaRadiance", False, "bfloat16",
+    dict(context_dim=64, context_tokens=16, pooled_dim=0, latent_channels=3, heads=4,
+         extra_cond="none; the latent is the image itself (3 channels, pixel size)"),
+    default=False,
+)
 QWEN_IMAGE = _Recipe(
     "qwen_image", DIFFUSION_MODELS, "unet", QWEN_IMAGE_TINY, "QwenImage", False, "bfloat16",
     dict(context_dim=64, context_tokens=16, pooled_dim=0, latent_channels=16, heads=4,
@@ -71,5 +87,5 @@ QWEN_IMAGE = _Recipe(
     default=False,
 )
 
-for _recipe in (CHROMA, QWEN_IMAGE):
+for _recipe in (CHROMA, CHROMA_RADIANCE, QWEN_IMAGE):
     register_recipe(_recipe)
