@@ -204,6 +204,14 @@ def parse_encoder_device(text: str, visible_gpus: int) -> str | None:
 
 VAE_TILE_PIXELS_ENV = "XDIT_VAE_TILE_PIXELS"
 VAE_TILE_TIMEOUT_ENV = "XDIT_VAE_TILE_TIMEOUT_S"
+VAE_BLEND_ENV = "XDIT_VAE_BLEND"
+
+
+class VAEBlend(StrEnum):
+    """Where ComfyUI's tiler blends the tiles of a parallel VAE call."""
+
+    HOST = "host"  # ComfyUI's output device (system RAM unless --gpu-only), exactly as the stock VAE
+    DEVICE = "device"  # the VAE's GPU (float32 multiply / add / divide: the same IEEE results), then moved
 
 
 @dataclass(frozen=True)
@@ -214,13 +222,15 @@ class VAEParallelConfig:
     ``tile_pixels``: a plain decode / encode of an image with more pixels than this goes the parallel
     tiled way; 0 = only where ComfyUI's own memory estimate exceeds the VAE device's free memory (where
     the stock VAE would run out of memory and retry tiled). ``max_batch``: tiles of equal shape run
-    together on one device (1 = one tile per call, bit-identical to ComfyUI's tiler).
+    together on one device (1 = one tile per call, bit-identical to ComfyUI's tiler). ``blend``: see
+    ``VAEBlend`` (``XDIT_VAE_BLEND``).
     """
 
     devices: tuple[str, ...]
     tile_pixels: int = 0
     max_batch: int = 1
     timeout_s: float = 600.0
+    blend: VAEBlend = VAEBlend.HOST
 
     def describe(self) -> str:
         kinds = {d.split(":")[0] for d in self.devices}
@@ -264,7 +274,16 @@ def parse_vae_parallel(text: str, visible_gpus: int | None) -> VAEParallelConfig
         devices=devices,
         tile_pixels=int(_env_number(VAE_TILE_PIXELS_ENV, 0, 0)),
         timeout_s=_env_number(VAE_TILE_TIMEOUT_ENV, 600.0, 1.0),
+        blend=_env_blend(),
     )
+
+
+def _env_blend() -> VAEBlend:
+    raw = os.environ.get(VAE_BLEND_ENV, "").strip().lower() or VAEBlend.HOST.value
+    try:
+        return VAEBlend(raw)
+    except ValueError:
+        raise ConfigError(VAE_BLEND_ENV, f'"{raw}" is not a blend place', 'Set it to "host" or "device"') from None
 
 
 class LoaderKind(StrEnum):

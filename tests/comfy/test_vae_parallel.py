@@ -247,5 +247,6 @@ def test_bench_runs_tiny_on_cpu_slots(comfy_root, tmp_path):
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     report = json.loads((tmp_path / "vae.json").read_text())
-    assert report["tiles"] > 3 and [len(run["devices"]) for run in report["runs"]] == [1, 2]
+    assert report["tiles"] > 3 and [len(run["devices"]) for run in report["runs"]] == [1, 2, 2]
+    assert [run["blend"] for run in report["runs"]] == ["host (stock)", "host", "device"]
     assert all(run["equal"] and run["max_abs"] == 0 for run in report["runs"])

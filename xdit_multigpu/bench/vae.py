@@ -7,8 +7,10 @@ tiles spread over 2 and 4 GPUs (Load VAE (xDiT) ``parallel_devices``).
 
 Tiles are those of the stock ``VAE Decode (Tiled)`` node's defaults (512 px, overlap 64 px). Each
 configuration: one warm-up decode of a 1024x1024 image (CUDA contexts, kernels, device copies of the
-VAE), then ``--repeats`` timed decodes (median reported). Every result is compared with the one-device
-result (max abs, relative L2, bit-equality). Writes ``vae.json`` under ``--out``.
+VAE), then ``--repeats`` timed decodes (median reported). The parallel runs are timed with ComfyUI's
+tiler blending on its output device (``host``, as the stock VAE) and on the VAE's GPU (``device``).
+Every result is compared with the one-device result (max abs, relative L2, bit-equality). Writes
+``vae.json`` under ``--out``; configurations that would overrun ``--budget-s`` are listed as skipped.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tile", type=int, default=0, help="tile size in pixels (default 512, --tiny 64)")
     ap.add_argument("--overlap", type=int, default=0, help="tile overlap in pixels (default 64, --tiny 16)")
     ap.add_argument("--max-batch", type=int, default=1, help="tiles of equal shape decoded together per device")
+    ap.add_argument("--blends", nargs="+", default=["host", "device"], choices=["host", "device"],
+                    help="where ComfyUI's tiler blends on the parallel runs (XDIT_VAE_BLEND)")
+    ap.add_argument("--budget-s", type=float, default=170.0, help="skip configurations that would end later")
     args = ap.parse_args(argv)
     args.size = args.size or (256 if args.tiny else 4096)
     args.tile = args.tile or (64 if args.tiny else 512)
@@ -60,14 +65,19 @@ def _devices(n: int, tiny: bool) -> list[str]:
     return ["cpu"] * n if tiny else [f"cuda:{i}" for i in range(n)]
 
 
-def _decoder(stock: Any, n: int, tiny: bool, max_batch: int) -> Any:
+def _decoder(stock: Any, n: int, blend: str, args: argparse.Namespace) -> Any:
     """One device: ComfyUI's VAE as is. Several: the parallel VAE over the same model."""
     if n == 1:
         return stock
-    from xdit_multigpu.config import VAEParallelConfig
+    from xdit_multigpu.config import VAEBlend, VAEParallelConfig
     from xdit_multigpu.engine.vae import parallelize
 
-    return parallelize(stock, VAEParallelConfig(devices=tuple(_devices(n, tiny)), max_batch=max_batch))
+    cfg = VAEParallelConfig(devices=tuple(_devices(n, args.tiny)), max_batch=args.max_batch, blend=VAEBlend(blend))
+    return parallelize(stock, cfg)
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[int, str]]:
+    return [(n, "host") for n in args.slots if n == 1] + [(n, b) for b in args.blends for n in args.slots if n > 1]
 
 
 def _compare(ref: Any, out: Any) -> dict[str, Any]:
@@ -125,19 +135,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tile_px": args.tile, "overlap_px": args.overlap, "tiles": steps, "max_batch": args.max_batch,
         "repeats": args.repeats, "runs": [],
     }
-    ref = None
+    ref, last_s = None, 0.0
     with torch.inference_mode():
-        for n in args.slots:
-            devs = _devices(n, args.tiny)
-            res = _time_config(_decoder(stock, n, args.tiny, args.max_batch), lat, warm, devs, (tile, overlap),
+        for n, blend in _configs(args):
+            if time.perf_counter() - t_start + last_s > args.budget_s:
+                report.setdefault("skipped", []).append({"devices": n, "blend": blend, "why": "time budget"})
+                continue
+            t0 = time.perf_counter()
+            res = _time_config(_decoder(stock, n, blend, args), lat, warm, _devices(n, args.tiny), (tile, overlap),
                                args.repeats)
+            last_s = time.perf_counter() - t0
             out = res.pop("out")
             ref = out if ref is None else ref
-            res.update(_compare(ref, out))
+            res.update(_compare(ref, out), blend=blend if n > 1 else "host (stock)")
             res["speedup"] = round(report["runs"][0]["median_s"] / res["median_s"], 2) if report["runs"] else 1.0
             report["runs"].append(res)
-            print(f"[vae bench] {n} device(s): median {res['median_s']:.2f} s, x{res['speedup']}, "
-                  f"max abs {res['max_abs']:.3g}, equal {res['equal']}", flush=True)
+            print(f"[vae bench] {n} device(s), blend {blend}: median {res['median_s']:.2f} s, x{res['speedup']}, "
+                  f"max abs {res['max_abs']:.3g}, rel {res['rel_l2']:.3g}, equal {res['equal']}, "
+                  f"peak {res['peak_gib']}", flush=True)
     report["host_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     report["total_s"] = round(time.perf_counter() - t_start, 1)
     return report

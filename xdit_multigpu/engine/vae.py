@@ -32,7 +32,7 @@ import comfy.utils
 import torch
 
 from .. import patching
-from ..config import VAEParallelConfig
+from ..config import VAEBlend, VAEParallelConfig
 from ..parallel.tiles import TileShapeError, TileStats, run_tiled
 
 log = logging.getLogger("xdit_multigpu")
@@ -211,8 +211,10 @@ class XDiTVAE(comfy.sd.VAE):
     def _xdit_scatter(self, method: str, host: Callable[[], Any], channels: int, scale: Any, what: str) -> Any:
         """Run ComfyUI's tiler ``host()`` with its per-tile ``first_stage_model.<method>`` on every slot."""
         cfg = self.xdit_parallel
-        runners = self._xdit_runners(method)
-        out_dev = self.output_device
+        stock_out = self.output_device
+        on_gpu = cfg.blend is VAEBlend.DEVICE and torch.device(self.device).type == "cuda"
+        out_dev = self.device if on_gpu else stock_out
+        runners = self._xdit_runners(method, out_dev)
 
         def out_shape(tile: torch.Tensor) -> tuple[int, ...]:
             # What the tiler sizes its output by (round(get_scale)); a real tile of another shape is refused.
@@ -227,7 +229,8 @@ class XDiTVAE(comfy.sd.VAE):
         def tiled(fn: Callable[[Any], Any], rehearsal: bool) -> Any:
             # The rehearsal's progress bar would jump to 100 % at once: mute it (the replay's is real).
             quiet = patching.swapped(comfy.utils, "PROGRESS_BAR_HOOK", None) if rehearsal else nullcontext()
-            with quiet, patching.swapped(self, "first_stage_model", _TileModel(method, fn)):
+            blend = patching.swapped(self, "output_device", out_dev) if on_gpu else nullcontext()
+            with quiet, blend, patching.swapped(self, "first_stage_model", _TileModel(method, fn)):
                 return host()
 
         t0 = time.perf_counter()
@@ -240,11 +243,12 @@ class XDiTVAE(comfy.sd.VAE):
         finally:
             _empty_cache([_device(d) for d in cfg.devices if _device(d) != self.device])
         _report(self._xdit_summary(what, stats, time.perf_counter() - t0))
-        return out
+        return out.to(stock_out)
 
-    def _xdit_runners(self, method: str) -> list[Callable[[Any], Any]]:
+    def _xdit_runners(self, method: str, out_dev: Any) -> list[Callable[[Any], Any]]:
         """One runner per slot: the first slot on the VAE's own device runs ``first_stage_model``, the
-        others a copy of it (same dtype) moved to their device."""
+        others a copy of it (same dtype) moved to their device; outputs go to ``out_dev`` (where the
+        tiler blends)."""
         main = self.first_stage_model
         runners, own_used = [], False
         for slot, text in enumerate(self.xdit_parallel.devices):
@@ -253,12 +257,14 @@ class XDiTVAE(comfy.sd.VAE):
                 own_used, module = True, main
             else:
                 module = self._xdit_replicas.get(slot, lambda d=dev: copy.deepcopy(main).to(d))
-            runners.append(_runner(module, method, dev, self.output_device))
+            runners.append(_runner(module, method, dev, out_dev))
         return runners
 
     def _xdit_summary(self, what: str, stats: TileStats, seconds: float) -> str:
-        per = ", ".join(f"{d}: {n}" for d, n in zip(self.xdit_parallel.devices, stats.per_slot))
-        return f"VAE {what}: {stats.tiles} tiles over {self.xdit_parallel.describe()} ({per}) in {seconds:.2f} s"
+        cfg = self.xdit_parallel
+        per = ", ".join(f"{d}: {n}" for d, n in zip(cfg.devices, stats.per_slot))
+        where = f"{stats.tiles} tiles over {cfg.describe()} ({per})"
+        return f"VAE {what}: {where}, blend on {cfg.blend.value}, {seconds:.2f} s"
 
 
 def parallelize(vae: comfy.sd.VAE, cfg: VAEParallelConfig) -> XDiTVAE:
