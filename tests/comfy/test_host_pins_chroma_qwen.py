@@ -50,7 +50,8 @@ def test_chroma_hooks(comfy_root: str) -> None:
          "img = torch.cat((txt, img), 1)",
          "for i, block in enumerate(self.single_blocks):", "if i not in self.skip_dit:",
          'if ("single_block", i) in blocks_replace:',
-         '{"img": img, "vec": single_mod, "pe": pe, "attn_mask": attn_mask, "transformer_options": transformer_options}',
+         '{"img": img, "vec": single_mod, "pe": pe, "attn_mask": attn_mask, '
+         '"transformer_options": transformer_options}',
          'img = out["img"]',
          "img = img[:, txt.shape[1] :, ...]", "img = self.final_layer(img, vec=final_mod)")
     # Modulation is per sample (no per-token split), from the approximator.
@@ -80,7 +81,8 @@ def test_chroma_blocks_are_flux_blocks(comfy_root: str) -> None:
     _has(layers.DoubleStreamBlock.forward, "q = torch.cat((txt_q, img_q), dim=2)",
          "attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)",
          "txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]")
-    _has(layers.SingleStreamBlock.forward, "attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)")
+    _has(layers.SingleStreamBlock.forward,
+         "attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)")
     _has(flux_math.attention, "q, k = apply_rope(q, k, pe)",
          "optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask, transformer_options=transformer_options)")
 
@@ -97,7 +99,8 @@ def test_qwen_image_hooks(comfy_root: str) -> None:
     _has(Qwen.forward, "WrappersMP.DIFFUSION_MODEL")
     _has(Qwen._forward,
          "hidden_states, img_ids, orig_shape = self.process_img(x)", "num_embeds = hidden_states.shape[1]",
-         "hidden_states = torch.cat([hidden_states, kontext], dim=1)", "img_ids = torch.cat([img_ids, kontext_ids], dim=1)",
+         "hidden_states = torch.cat([hidden_states, kontext], dim=1)",
+         "img_ids = torch.cat([img_ids, kontext_ids], dim=1)",
          "ids = torch.cat((txt_ids, img_ids), dim=1)", "image_rotary_emb = self.pe_embedder(ids)",
          "self.time_text_embed(timestep, hidden_states)",
          'if ("double_block", i) in blocks_replace:',
@@ -159,7 +162,7 @@ def test_qwen_image_controlnet_residuals(comfy_root: str) -> None:
          "hidden_states[:, :add.shape[1]] += add")
 
 
-def test_qwen_image_installer_refuses_a_changed_block(comfy_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_qwen_image_installer_refuses_a_changed_block(comfy_root: str) -> None:
     """The refusal itself: a block forward with an extra argument is not split."""
     from comfy.ldm.qwen_image import model as qwen
 
@@ -167,7 +170,8 @@ def test_qwen_image_installer_refuses_a_changed_block(comfy_root: str, monkeypat
     from xdit_multigpu.models.qwen_image import _check_layout
 
     class Block(qwen.QwenImageTransformerBlock):
-        def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,  # type: ignore[override]
+        def forward(self, hidden_states, encoder_hidden_states,  # type: ignore[override]
+                    encoder_hidden_states_mask, temb,
                     image_rotary_emb=None, timestep_zero_index=None, transformer_options={}):
             raise AssertionError("not called")
 

@@ -44,7 +44,8 @@ def _validate(name: str, devices: str = "cpu:2", strategy: str = "Hybrid"):
 
 
 @pytest.mark.parametrize(("family", "config_class", "spec_name"), [
-    ("chroma", "Chroma", "chroma"), ("chroma_radiance", "ChromaRadiance", "chroma"), ("qwen_image", "QwenImage", "qwen_image"),
+    ("chroma", "Chroma", "chroma"), ("chroma_radiance", "ChromaRadiance", "chroma"),
+    ("qwen_image", "QwenImage", "qwen_image"),
 ])
 def test_detected_and_accepted(header_files, family, config_class, spec_name):
     import folder_paths
@@ -65,7 +66,8 @@ def test_detected_and_accepted(header_files, family, config_class, spec_name):
 def test_unsupported_combinations_are_refused_at_the_node(header_files, family):
     name = header_files[family]
     msg = _validate(name, "cpu:4", "CFG")
-    assert isinstance(msg, str) and msg.startswith("parallel_strategy: CFG parallel runs cond and uncond on exactly 2"), msg
+    assert isinstance(msg, str), msg
+    assert msg.startswith("parallel_strategy: CFG parallel runs cond and uncond on exactly 2"), msg
     assert "choose Hybrid" in msg
     msg = _validate(name, "cpu:2", "Tensor")
     assert isinstance(msg, str) and msg.startswith("parallel_strategy: Tensor is not yet available"), msg

@@ -151,7 +151,8 @@ CHROMA = register(
         config_classes=("Chroma", "ChromaRadiance"),  # Radiance: same forward_orig, then a per-patch NeRF head
         axes=_SP,
         heads=_num_heads,  # detection sets 24
-        hook="dit double_block / single_block replace on every block (shard / slice RoPE / gather) + attention override",
+        hook="dit double_block / single_block replace on every block (shard / slice RoPE / gather) "
+        "+ attention override",
         sequence_parallel=LazyInstaller("xdit_multigpu.models.chroma", "install_sequence_parallel"),
         notes="ControlNet: CFG parallel only",
     )
