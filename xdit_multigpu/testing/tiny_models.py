@@ -510,15 +510,19 @@ def empty_latent(tiny: TinyModel, width: int = 512, height: int = 512, batch: in
 # above this point, so the circular import is safe).
 
 _EXTENSIONS: tuple[str, ...] = (
-    "xdit_multigpu.testing.tiny_models_chroma_qwen",  # chroma, qwen_image
+    "xdit_multigpu.testing.tiny_models_chroma_qwen",  # chroma, chroma_radiance, qwen_image
 )
 
 
 def _load_extensions() -> None:
+    """Import each extension and register its ``RECIPES`` here (idempotent: also after a reload of this
+    module, when the extension itself is not imported again)."""
     import importlib
 
     for name in _EXTENSIONS:
-        importlib.import_module(name)
+        for recipe in getattr(importlib.import_module(name), "RECIPES", ()):
+            if recipe.family not in _RECIPES:
+                register_recipe(recipe)
 
 
 _load_extensions()

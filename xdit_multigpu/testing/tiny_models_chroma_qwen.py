@@ -87,5 +87,6 @@ QWEN_IMAGE = _Recipe(
     default=False,
 )
 
-for _recipe in (CHROMA, CHROMA_RADIANCE, QWEN_IMAGE):
+RECIPES = (CHROMA, CHROMA_RADIANCE, QWEN_IMAGE)  # registered by tiny_models._load_extensions
+for _recipe in RECIPES:  # and at import, for a direct import of this module
     register_recipe(_recipe)
