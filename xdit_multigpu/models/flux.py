@@ -7,7 +7,9 @@ Hooks, in the order a forward meets them:
    ``transformer_options``.
 2. ``post_input`` patch (after ``img_in``/``txt_in``, before ``pe = pe_embedder(cat(txt_ids, img_ids))``):
    shards ``img`` and ``img_ids`` so the RoPE table is sharded with them. Reference-latent (Kontext)
-   tokens are part of ``img`` and are sharded too.
+   tokens are part of ``img`` and are sharded too. Without an attention mask, ``txt`` / ``txt_ids`` are
+   sharded as well when T divides (``SequenceParallel.shard_text``): every block then runs T/sp text
+   rows; ``forward_orig`` slices ``img[:, txt.shape[1]:]`` with the local T, matching the gather below.
 3. Attention override: every double / single block attends over ``[txt | local img]``, q/k/v
    ``(B, H, S, D)`` with RoPE applied (``skip_reshape=True``). Flux's optional full-square
    ``attn_mask`` forces the exact all-gather path with its rows sliced.
@@ -47,10 +49,12 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
     # The forward in flight. post_input patches receive no transformer_options, so the wrapper hands the
     # state over here; one ModelPatcher samples one thing at a time in a worker.
     current: list[SequenceState | None] = [None]
+    text_ok = [False]  # no attention mask in this forward: the text may be sharded
 
     def diffusion_model(executor: Any, x: torch.Tensor, timestep: Any, context: torch.Tensor, y: Any, guidance: Any,
                         ref_latents: Any, control: Any, transformer_options: dict[str, Any], **kwargs: Any) -> Any:
         current[0] = ctx.begin(transformer_options, text_len=context.shape[1])
+        text_ok[0] = kwargs.get("attention_mask") is None
         try:
             return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
         finally:
@@ -65,7 +69,11 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
         img = ctx.shard(state, args["img"], dim=1)
         ids = args["img_ids"]
         ids = ctx.slice_like(state, ids, dim=1) if ids is not None else None
-        return {**args, "img": img, "img_ids": ids}
+        txt, txt_ids = args["txt"], args["txt_ids"]
+        if text_ok[0] and txt_ids is not None:  # pe = cat(txt_ids, img_ids) must follow both shards
+            txt = ctx.shard_text(state, txt, dim=1)
+            txt_ids = ctx.text_rows(state, txt_ids, dim=1)
+        return {**args, "img": img, "img_ids": ids, "txt": txt, "txt_ids": txt_ids}
 
     def gather_after(args: dict[str, Any], run_block: Any) -> dict[str, Any]:
         out = run_block(args)

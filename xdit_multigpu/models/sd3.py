@@ -5,7 +5,9 @@ Hooks:
 
 1. ``("double_block", 0)`` replace: starts the per-forward ``SequenceState`` with T = ``txt.shape[1]``
    (register tokens included: they are prepended to the context before the blocks) and shards
-   ``img``. Positional embeddings were added at the input, so nothing else needs slicing.
+   ``img``, and ``txt`` too when T divides (``shard_text``; the last block's context output is None,
+   so it is never gathered). Positional embeddings were added at the input, so nothing else needs
+   slicing.
 2. Attention override: ``_block_mixing`` attends over ``cat(context, x)`` in ``(B, S, H*D)`` layout
    (no ``skip_reshape``): ``S == T + L_local``. SD3.5's MMDiT-X x-block self-attention (``attn2``) runs
    over the image alone: ``S == L_local``. Both are told apart by length (they coincide only if T == 0).
@@ -36,7 +38,10 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
         to = args["transformer_options"]
         txt = args["txt"]
         state = ctx.begin(to, text_len=0 if txt is None else txt.shape[1])
-        out = run_block({**args, "img": ctx.shard(state, args["img"], dim=1)})
+        img = ctx.shard(state, args["img"], dim=1)
+        if txt is not None:  # per-token context layers on T/sp rows; the context is never gathered
+            txt = ctx.shard_text(state, txt, dim=1)
+        out = run_block({**args, "img": img, "txt": txt})
         return gather_last(out, to) if last == 0 else out
 
     def gather_last(out: dict[str, Any], to: dict[str, Any]) -> dict[str, Any]:

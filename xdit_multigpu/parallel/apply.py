@@ -19,6 +19,7 @@ from .cfg import apply_cfg
 from .control import CONTROL_KEY, make_control_wrapper
 from .groups import ParallelGroups
 from .sequence import SequenceParallel
+from .tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def apply_sequence(patcher: Any, spec: ModelSpec, groups: ParallelGroups) -> Seq
     import comfy.patcher_extension  # noqa: PLC0415  (the package imports without ComfyUI)
 
     assert spec.sequence_parallel is not None
-    ctx = SequenceParallel(groups, make_attention_override(SequenceAttention(groups)))
+    tuning = Tuning.from_env()
+    ctx = SequenceParallel(groups, make_attention_override(SequenceAttention(groups, tuning)), tuning)
     spec.sequence_parallel(patcher, ctx)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTROL_KEY,
                                  make_control_wrapper(spec.control_residuals, spec.display))

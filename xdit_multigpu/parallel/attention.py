@@ -6,13 +6,16 @@ what ``func`` would. Layouts: ``skip_reshape=True`` -> q/k/v ``(B, H, S, D)`` (F
 ``(B, S, H*D)`` (MMDiT). Output ``(B, S, H*D)``, or ``(B, H, S, D)`` with ``skip_output_reshape``.
 
 Contract on entry (see ``sequence.py``): the sequence is ``[text (T, replicated) | local image shard]``,
-or the local image shard alone. On exit: the same rows, exactly as one device computing attention over
-``[text | full image]`` would give them. Two paths:
+``[local text shard | local image shard]`` (``state.text_sharded``) or the local image shard alone. On
+exit: the same rows, exactly as one device computing attention over ``[text | full image]`` would give
+them. Paths:
 
+* **Fused Ulysses** (uniform local sequence, i.e. sharded or no text; ring == 1; even shards; no mask):
+  ``ulysses.FusedUlysses``: one all-to-all for q/k/v, the host's own ``func``, one all-to-all back.
 * **USP** (even shards, no mask, heads % ulysses == 0): yunchang ``LongContextAttention`` (Ulysses
-  all-to-all x ring) on the image tokens. Text queries ride along with the local image queries; the
-  text keys/values (head-sliced per Ulysses rank) join the first ring step only, so each is counted
-  once in the softmax. The kernel returns a real LSE (``kernels.py``).
+  all-to-all x ring) on the image tokens (and sharded text). Replicated text queries ride along with the
+  local image queries; replicated text keys/values (head-sliced per Ulysses rank) join the first ring
+  step only, so each is counted once in the softmax. The kernel returns a real LSE (``kernels.py``).
 * **All-gather** (uneven shards, a mask, or heads not divisible): gather the image K/V over the
   sequence group and run the host's own ``func`` on local queries vs full keys; exact, more memory.
 
@@ -34,6 +37,8 @@ from .comm import all_gather_uneven
 from .groups import ParallelGroups
 from .kernels import Kernel, select_kernel, verify_lse
 from .sequence import SequenceState, state_of
+from .tuning import Tuning
+from .ulysses import FusedUlysses
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,8 @@ def _long_context_attention(ulysses_pg: Any, ring_pg: Any) -> torch.nn.Module:
 class SequenceAttention:
     """The distributed attention of one parallelised patcher (state-free between calls)."""
 
-    def __init__(self, groups: ParallelGroups) -> None:
+    def __init__(self, groups: ParallelGroups, tuning: Tuning | None = None) -> None:
+        tuning = tuning or Tuning()
         self.groups = groups
         plan = groups.plan
         self.ulysses = plan.ulysses
@@ -97,6 +103,10 @@ class SequenceAttention:
                     "pip install xfuser (with its GPU dependencies), or unset XDIT_ATTENTION_BACKEND",
                 ) from e
         self._usp = _long_context_attention(uly_pg, ring_pg)
+        # ring == 1 on the default backend: one fused all-to-all for q/k/v and the host's own kernel.
+        self.fused = None
+        if tuning.fused_ulysses and plan.ring == 1 and plan.ulysses > 1 and self._xfuser is None:
+            self.fused = FusedUlysses(groups.ulysses, plan.ulysses)
         self._verified: set[tuple[str, torch.dtype, int]] = set()
         self._warned_fallback = False
 
@@ -132,13 +142,18 @@ class SequenceAttention:
         return torch.cat((out[:, local:], out[:, :local]), dim=1)
 
     def gather_kv(self, state: SequenceState, k: torch.Tensor, v: torch.Tensor, text: int, seq_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full ``[text | image]`` K and V from the local shards (exact fallback path)."""
+        """Full ``[text | image]`` K and V from the local shards (exact fallback path); sharded text
+        rows are gathered too."""
         assert state.shard is not None
         sizes, group = state.shard.sizes, self.groups.sp
+        text_sizes = (text,) * len(sizes) if state.text_sharded and text else None
 
         def full(x: torch.Tensor) -> torch.Tensor:
             img = all_gather_uneven(x.narrow(seq_dim, text, x.shape[seq_dim] - text), seq_dim, sizes, group)
-            return torch.cat((x.narrow(seq_dim, 0, text), img), dim=seq_dim)
+            txt = x.narrow(seq_dim, 0, text)
+            if text_sizes is not None:
+                txt = all_gather_uneven(txt.contiguous(), seq_dim, text_sizes, group)
+            return torch.cat((txt, img), dim=seq_dim)
 
         return full(k), full(v)
 
@@ -171,10 +186,11 @@ def slice_mask_rows(mask: torch.Tensor | None, state: SequenceState, text: int) 
         return mask
     shard = state.shard
     assert shard is not None
-    if mask.shape[-2] != text + shard.full:
-        raise ValueError(f"attention mask has {mask.shape[-2]} query rows, expected {text} text + {shard.full} image")
-    start = text + shard.offset
-    rows = torch.cat((torch.arange(text), torch.arange(start, start + shard.local))).to(mask.device)
+    text_full, text_start = (text * len(shard.sizes), text * shard.index) if state.text_sharded else (text, 0)
+    if mask.shape[-2] != text_full + shard.full:
+        raise ValueError(f"attention mask has {mask.shape[-2]} query rows, expected {text_full} text + {shard.full} image")
+    start = text_full + shard.offset
+    rows = torch.cat((torch.arange(text_start, text_start + text), torch.arange(start, start + shard.local))).to(mask.device)
     return mask.index_select(mask.ndim - 2, rows)
 
 
@@ -211,8 +227,13 @@ def make_attention_override(attn: SequenceAttention) -> Callable[..., torch.Tens
         elif heads % attn.ulysses:
             reason = f"{heads} heads do not divide over ulysses {attn.ulysses}"
         else:
+            # Sharded text (or no text) makes the local sequence uniform: plain Ulysses / USP over it.
+            uniform = text == 0 or state.text_sharded
+            if uniform and attn.fused is not None:
+                return attn.fused(func, q, k, v, heads, skip_reshape, skip_output_reshape,
+                                  {"transformer_options": transformer_options, **kwargs})
             out = attn.usp(_to_bshd(q, heads, skip_reshape), _to_bshd(k, heads, skip_reshape),
-                           _to_bshd(v, heads, skip_reshape), text)
+                           _to_bshd(v, heads, skip_reshape), 0 if uniform else text)
             return _from_bshd(out.to(q.dtype), skip_output_reshape)
         attn.note_fallback(reason)
         k_full, v_full = attn.gather_kv(state, k, v, text, seq)

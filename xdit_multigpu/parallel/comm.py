@@ -31,9 +31,10 @@ def split_sizes(total: int, parts: int) -> tuple[int, ...]:
     return tuple(base + (1 if i < extra else 0) for i in range(parts))
 
 
-def new_group(ranks: Sequence[int], timeout_s: float) -> ProcessGroup:
-    """``dist.new_group`` with a timeout; every rank of the default group must call it (same order)."""
-    return dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
+def new_group(ranks: Sequence[int], timeout_s: float, backend: str | None = None) -> ProcessGroup:
+    """``dist.new_group`` with a timeout; every rank of the default group must call it (same order).
+    ``backend``: e.g. "gloo" for a host-side twin of an NCCL group (None: the default group's)."""
+    return dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s), backend=backend)
 
 
 def group_size(group: ProcessGroup | None) -> int:

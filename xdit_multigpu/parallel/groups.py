@@ -57,6 +57,7 @@ class ParallelGroups:
     ring: ProcessGroup | None = None
     cfg: ProcessGroup | None = None
     solo: ProcessGroup | None = None
+    sp_cpu: ProcessGroup | None = None  # gloo twin of ``sp`` under NCCL: small host-side checks, no device sync
     sp_ranks: tuple[int, ...] = ()
     ulysses_ranks: tuple[int, ...] = ()
     ring_ranks: tuple[int, ...] = ()
@@ -109,6 +110,12 @@ class ParallelGroups:
                 g._owned.append(pg)
                 if rank in ranks:
                     setattr(g, kind, pg)
+        if plan.sp > 1 and dist.get_backend() == "nccl":
+            for ranks in _blocks(plan)["sp"]:
+                pg = new_group(ranks, timeout_s, backend="gloo")
+                g._owned.append(pg)
+                if rank in ranks:
+                    g.sp_cpu = pg
         if plan.sp > 1 and (plan.ulysses == 1 or plan.ring == 1):
             for r in range(world_size):
                 pg = new_group([r], timeout_s)
@@ -122,7 +129,7 @@ class ParallelGroups:
         for pg in self._owned:
             dist.destroy_process_group(pg)
         self._owned.clear()
-        self.sp = self.ulysses = self.ring = self.cfg = self.solo = None
+        self.sp = self.ulysses = self.ring = self.cfg = self.solo = self.sp_cpu = None
 
     def describe(self) -> str:
         return (

@@ -3,7 +3,10 @@
 Sharding contract (every model installer follows it):
 
 * Text tokens (T of them, incl. register tokens) are replicated: every rank of the sequence group
-  holds and computes all of them.
+  holds and computes all of them; unless the family calls ``shard_text`` (joint attention, T divisible
+  by sp, image shards even, no attention mask): then each rank holds T/sp contiguous text rows in
+  sp-rank order, ``SequenceState.text_len`` is that local count and ``text_sharded`` is True. Text is
+  never gathered: every per-token layer is exact on its rows and joint attention sees all of them.
 * Image tokens (L of them, incl. any reference-latent tokens appended to the image stream) are split
   into contiguous shards in sp-rank order, sizes ``split_sizes(L, sp)`` (uneven when ``sp`` does not
   divide ``L``).
@@ -27,6 +30,7 @@ import torch
 from ..errors import WorkerError
 from .comm import all_gather_sizes, all_gather_uneven, split_sizes
 from .groups import ParallelGroups
+from .tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +66,10 @@ class SequenceState:
     """Per-forward record of the split. ``shard`` is None until the image stream is sharded;
     ``active`` is False again once it has been gathered (attention then runs unchanged)."""
 
-    text_len: int = 0
+    text_len: int = 0  # text rows this rank holds (all T, or T/sp when text_sharded)
     shard: Shard | None = None
     active: bool = False
+    text_sharded: bool = False
 
     def text_tokens_in(self, q_len: int) -> int | None:
         """Text tokens in front of the local image tokens of a self-attention call of ``q_len``.
@@ -121,9 +126,10 @@ class SequenceParallel:
     One instance per parallelised patcher; it holds no per-call data (that is ``SequenceState``).
     """
 
-    def __init__(self, groups: ParallelGroups, attention_override: Any) -> None:
+    def __init__(self, groups: ParallelGroups, attention_override: Any, tuning: Tuning | None = None) -> None:
         self.groups = groups
         self.attention_override = attention_override  # install as transformer_options[...override]
+        self.tuning = tuning or Tuning()
 
     @property
     def size(self) -> int:
@@ -154,6 +160,27 @@ class SequenceParallel:
             log.debug("xDiT: %d image tokens do not divide over %d ranks: exact all-gather attention", full, self.size)
         return self.slice_like(state, tokens, dim)
 
+    def shard_text(self, state: SequenceState, text: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's text rows when text can be sharded (see the module docstring), else ``text`` whole.
+
+        Call after ``shard`` with the full text of a joint-attention model; ``text_rows`` then slices
+        tensors aligned with the text (e.g. RoPE ids). Decided from shapes every rank agreed on, so all
+        ranks decide alike.
+        """
+        shard = self._require(state)
+        full = text.shape[dim]
+        if not self.tuning.shard_text or not shard.even or full == 0 or full % self.size or full != state.text_len:
+            return text
+        state.text_sharded = True
+        state.text_len = full // self.size
+        return text.narrow(dim, self.rank * state.text_len, state.text_len)
+
+    def text_rows(self, state: SequenceState, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's rows of a tensor aligned with the full text (whole when text is replicated)."""
+        if not state.text_sharded:
+            return tokens
+        return tokens.narrow(dim, self.rank * state.text_len, state.text_len)
+
     def slice_like(self, state: SequenceState, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's rows of a tensor aligned with the image stream (ids, residuals, masks)."""
         shard = self._require(state)
@@ -174,7 +201,8 @@ class SequenceParallel:
         return state.shard
 
     def _check_agreement(self, batch: int, text_len: int, image_len: int) -> None:
-        seen = all_gather_sizes((batch, text_len, image_len), self.groups.sp)
+        # On the CPU (gloo) twin of the sequence group when there is one: no device sync per forward.
+        seen = all_gather_sizes((batch, text_len, image_len), self.groups.sp_cpu or self.groups.sp)
         if len(set(seen)) > 1:
             raise WorkerError(
                 "sequence parallel ranks disagree on (batch, text tokens, image tokens): "

@@ -1,0 +1,37 @@
+"""Performance switches of the sequence-parallel path (all on by default; env vars turn them off for
+A/B measurements, read once per parallelised patcher in the worker).
+
+* ``XDIT_SHARD_TEXT=0``: keep joint-attention text tokens replicated on every rank (xDiT's scheme)
+  instead of sharding them with the image tokens (diffusers' scheme). Sharded text means every
+  per-token layer (projections, MLPs, modulation) runs on T/sp text rows instead of T.
+* ``XDIT_FUSED_ULYSSES=0``: with ring == 1, use yunchang's ``LongContextAttention`` (four all-to-alls,
+  LSE kernel) instead of ``ulysses.FusedUlysses`` (one all-to-all for q/k/v, the host's kernel, one back).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f'is "{raw}"', "Set it to 1 or 0, or unset it")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    shard_text: bool = True
+    fused_ulysses: bool = True
+
+    @classmethod
+    def from_env(cls) -> Tuning:
+        return cls(shard_text=_flag("XDIT_SHARD_TEXT", True), fused_ulysses=_flag("XDIT_FUSED_ULYSSES", True))
