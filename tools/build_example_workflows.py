@@ -12,7 +12,8 @@ import json
 import pathlib
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "example_workflows"
-DISPATCH = ["all", "Hybrid", "round_robin", ""]  # gpu_devices, parallel_strategy, scheduling_strategy, ray_address
+DISPATCH = ["all", "Hybrid", "round_robin", 0, "", ""]  # gpu_devices, parallel_strategy, scheduling_strategy,
+# gpus_per_group, group_weights, ray_address
 
 # Output slot types per node type (the UI format stores them).
 OUTPUTS = {

@@ -11,6 +11,7 @@ Importing this module does not import Ray.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
@@ -111,11 +112,30 @@ def ensure_cluster(address: str | None = None, num_cpus: int | None = None, num_
             if not is_loopback(_current.node_ip):
                 log.warning("xDiT: that Ray cluster was not started by xDiT and listens on %s, not loopback only",
                             _current.node_ip)
+        elif target:
+            _current = _join(ray, target)
+            _set_state(owned=True, requested=target)
         else:
-            _current = _join(ray, target) if target else _start_embedded(ray, num_cpus, num_gpus)
+            # Ray starts its GCS and raylet with PR_SET_PDEATHSIG, which Linux fires when the *thread* that
+            # forked them exits. The caller may be a short-lived thread (the async KSampler runs in
+            # asyncio.to_thread, whose pool ends with the prompt), so the processes are forked from a
+            # thread that lives as long as this process.
+            future = _keeper().submit(_start_embedded, ray, num_cpus, num_gpus)
+            _current = future.result()
             _set_state(owned=True, requested=target)
         _register_atexit()
         return _current
+
+
+_KEEPER: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _keeper() -> concurrent.futures.ThreadPoolExecutor:
+    """One long-lived thread that starts the embedded cluster's processes (see ``ensure_cluster``)."""
+    global _KEEPER
+    if _KEEPER is None:
+        _KEEPER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xdit-ray")
+    return _KEEPER
 
 
 def _set_state(owned: bool, requested: str | None) -> None:

@@ -95,9 +95,17 @@ class ComfyServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def get(self, path: str, timeout: float = 30) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return json.loads(r.read())
+    def get(self, path: str, timeout: float = 30, attempts: int = 5) -> Any:
+        """GET + JSON; a connection the busy server resets is retried (reads are idempotent)."""
+        for attempt in range(attempts):
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                    return json.loads(r.read())
+            except (ConnectionResetError, ConnectionRefusedError, urllib.error.URLError) as e:
+                if isinstance(e, urllib.error.HTTPError) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def post(self, path: str, payload: dict[str, Any], timeout: float = 30) -> tuple[int, Any]:
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),

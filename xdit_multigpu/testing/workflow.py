@@ -63,10 +63,11 @@ def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str
 
 
 # xDiT node -> (stock node, inputs the stock node does not have)
+_DISPATCHER_INPUTS = ("gpu_devices", "parallel_strategy", "scheduling_strategy", "gpus_per_group", "group_weights",
+                      "ray_address")
 _STOCK = {
-    "XDiTUNetLoader": ("UNETLoader", ("gpu_devices", "parallel_strategy", "scheduling_strategy", "ray_address")),
-    "XDiTCheckpointLoader": (
-        "CheckpointLoaderSimple", ("gpu_devices", "parallel_strategy", "scheduling_strategy", "ray_address")),
+    "XDiTUNetLoader": ("UNETLoader", _DISPATCHER_INPUTS),
+    "XDiTCheckpointLoader": ("CheckpointLoaderSimple", _DISPATCHER_INPUTS),
     "XDiTKSampler": ("KSampler", ("xdit_dispatcher",)),
     "XDiTVAELoader": ("VAELoader", ("device", "parallel_devices")),
     "XDiTCLIPLoader": ("CLIPLoader", ("device",)),
