@@ -511,6 +511,7 @@ def empty_latent(tiny: TinyModel, width: int = 512, height: int = 512, batch: in
 
 _EXTENSIONS: tuple[str, ...] = (
     "xdit_multigpu.testing.tiny_models_chroma_qwen",  # chroma, chroma_radiance, qwen_image
+    "xdit_multigpu.testing.tiny_models_video",  # lumina2, zimage, wan21, wan22
 )
 
 

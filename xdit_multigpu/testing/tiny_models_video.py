@@ -14,7 +14,8 @@ wan21            supported_models.WAN21_T2V         detected (hidden 512 = 4 hea
 wan22            supported_models.WAN22_T2V         detected (TI2V-5B layout: 48-ch latent)
 ===============  =================================  ==========================================
 
-Wan latents are 5-D ``(B, C, frames, H/8, W/8)`` (``empty_video_latent``; Wan 2.2's VAE is 16x, the
+The recipes are also registered with ``tiny_models`` (``write_tiny_models(out, ["wan21"])`` and its CLI
+work too; opt-in, not in ``DEFAULT_FAMILIES``). Wan latents are 5-D ``(B, C, frames, H/8, W/8)`` (``empty_video_latent``; Wan 2.2's VAE is 16x, the
 tiny test only needs the shape). Conditioning: ``tiny_models.conditioning_for`` (context only).
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .tiny_models import DIFFUSION_MODELS, TinyModel, _Recipe, ensure_comfy, write_one
+from .tiny_models import DIFFUSION_MODELS, TinyModel, _Recipe, ensure_comfy, register_recipe, write_one
 
 _LUMINA2 = {
     "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "n_layers": 2,
@@ -45,19 +46,22 @@ _RECIPES: dict[str, _Recipe] = {
     r.family: r
     for r in (
         _Recipe("lumina2", DIFFUSION_MODELS, "unet", _LUMINA2, "Lumina2", False, "bfloat16",
-                dict(context_dim=256, context_tokens=24, latent_channels=16, heads=4, extra_cond="none")),
+                dict(context_dim=256, context_tokens=24, latent_channels=16, heads=4, extra_cond="none"), default=False),
         _Recipe("zimage", DIFFUSION_MODELS, "unet", _ZIMAGE, "Lumina2", False, "bfloat16",
                 dict(context_dim=256, context_tokens=24, latent_channels=16, heads=4,
-                     extra_cond="none (caption padded to 32 tokens by the model)")),
+                     extra_cond="none (caption padded to 32 tokens by the model)"), default=False),
         _Recipe("wan21", DIFFUSION_MODELS, "unet", _WAN21, "WAN21_T2V", True, "bfloat16",
                 dict(context_dim=4096, context_tokens=32, latent_channels=16, heads=4,
-                     extra_cond="none; latent (B, 16, frames, H/8, W/8)")),
+                     extra_cond="none; latent (B, 16, frames, H/8, W/8)"), default=False),
         _Recipe("wan22", DIFFUSION_MODELS, "unet", _WAN22, "WAN22_T2V", True, "bfloat16",
                 dict(context_dim=4096, context_tokens=32, latent_channels=48, heads=4,
-                     extra_cond="none; latent (B, 48, frames, H/16, W/16) with Wan 2.2's VAE")),
+                     extra_cond="none; latent (B, 48, frames, H/16, W/16) with Wan 2.2's VAE"), default=False),
     )
 }
 FAMILIES: tuple[str, ...] = tuple(_RECIPES)
+RECIPES = tuple(_RECIPES.values())  # registered by tiny_models._load_extensions (opt-in: default=False)
+for _recipe in RECIPES:  # and at import, for a direct import of this module
+    register_recipe(_recipe)
 VIDEO_FAMILIES = frozenset({"wan21", "wan22"})
 
 
