@@ -68,18 +68,25 @@ def render(report: dict[str, Any], plots: dict[str, str]) -> str:
             "*vs stock*: ComfyUI's own sampler in a fresh process. The 28-step image adds ComfyUI's VAE decode "
             "(measured on 1 GPU in the stock process) to the engine's sampling wall time; text encoding is "
             "replaced by fixed conditioning.", ""]
-    out += _pool_lines(report) + _side_lines(report, rows) + _target_lines(report, rows) + _profile_lines(report)
+    out += _pool_lines(report, rows) + _side_lines(report, rows) + _target_lines(report, rows) + _profile_lines(report)
     if plots:
         out += ["## Plots", ""] + [f"![speedup {name}]({path})" for name, path in sorted(plots.items())] + [""]
     return "\n".join(out) + "\n"
 
 
-def _pool_lines(report: dict[str, Any]) -> list[str]:
-    lines = ["## Pool start", "", "| model | GPUs | pool start (s) |", "|---|---|---|"]
-    for name, m in report.get("models", {}).items():
-        for n, eng in sorted(m.get("engine", {}).items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {name} | {n} | {_f(eng.get('pool_start_s'))} |")
-    return lines + [""]
+def _pool_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Pool start and per-request overhead", "",
+             "| model | image | GPUs | pool start (s) | dispatch (ms) | in-request setup (ms) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("per_step_ms") is None or "size" not in r:
+            continue
+        pool = "–" if r.get("strategy") == "stock ComfyUI" else _f(r.get("pool_start_s"))
+        lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']}{' (stock)' if pool == '–' else ''} | {pool} | "
+                     f"{_f(r.get('dispatch_ms'))} | {_f(r.get('setup_ms'))} |")
+    return lines + ["", "*Dispatch*: the driver's wall time per request minus rank 0's time inside `Worker.sample` "
+                    "(median over the row's requests). *In-request setup*: rank 0's time from entering the sampler "
+                    "call to the first step's end, minus one median step (clone, hooks, model to device, sampler "
+                    "setup).", ""]
 
 
 def _side_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
@@ -128,7 +135,8 @@ def _profile_lines(report: dict[str, Any]) -> list[str]:
                     continue
                 lines += [f"### Profile: {name} {key} on {n} device(s), rank 0", "",
                           f"device {prof['device_ms_per_step']} ms/step: NCCL {prof['nccl_ms_per_step']}, attention "
-                          f"{prof['attention_ms_per_step']}, GEMM {prof['gemm_ms_per_step']} (profiled step "
+                          f"{prof['attention_ms_per_step']}, GEMM {prof['gemm_ms_per_step']}; host op time "
+                          f"{prof.get('host_self_ms_per_step')} ms/step (profiled step "
                           f"{row.get('profiled_per_step_ms')} ms)", "",
                           "| kernel / op | device ms/step | CPU ms/step | calls/step |", "|---|---|---|---|"]
                 lines += [f"| `{t['name'][:90]}` | {t['device_ms_per_step']} | {t['cpu_ms_per_step']} | "

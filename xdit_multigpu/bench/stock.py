@@ -49,7 +49,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         sample(size, 2)  # warm-up: weights to the device, kernels, allocator
         latent, timed = sample(size, job["repeats"] + 1)
         row: dict[str, Any] = {"per_step_ms": timed["median_ms"], "step_ms": timed["step_ms"],
-                               "timed_wall_s": timed["wall_s"], "steps": job["repeats"] + 1}
+                               "timed_wall_s": timed["wall_s"], "steps": job["repeats"] + 1,
+                               "setup_ms": timed["setup_ms"]}
         torch.save(latent.float().cpu(), os.path.join(job["latents"], f"{arch.name}_{size}_stock.pt"))
         if size in job["e2e_sizes"]:
             latent28, run28 = sample(size, job["e2e_steps"])

@@ -38,6 +38,7 @@ def _size_rows(name: str, m: dict[str, Any], size: int) -> list[dict[str, Any]]:
     rows = [{"model": name, "size": size, "gpus": 1, "strategy": "stock ComfyUI", "plan": "ComfyUI sampler, 1 GPU",
              "per_step_ms": stock_ms, "speedup_vs_ours_1": _ratio(ours1, stock_ms), "speedup_vs_stock": 1.0 if stock_ms else None,
              "peak_gb": [st.get("peak_allocated_gb")], "e2e_s": _e2e(st.get("e2e_sampling_s"), vae),
+             "setup_ms": st.get("setup_ms"),
              "error": _get(m, "stock", "error")}]
     for n, eng in sorted(m.get("engine", {}).items(), key=lambda kv: int(kv[0])):
         if "error" in eng:
@@ -53,6 +54,7 @@ def _size_rows(name: str, m: dict[str, Any], size: int) -> list[dict[str, Any]]:
                 "per_step_ms": ms, "speedup_vs_ours_1": _ratio(ours1, ms), "speedup_vs_stock": _ratio(stock_ms, ms),
                 "peak_gb": row.get("peak_allocated_gb"), "e2e_s": _e2e(row.get("e2e_sampling_s"), vae),
                 "dispatch_ms": _median(row.get("dispatch_ms")), "pool_start_s": eng.get("pool_start_s"),
+                "setup_ms": row.get("setup_ms"),
                 "rel_l2_vs_stock": _get(row, "vs_stock", "rel_l2"), "error": row.get("error") or row.get("skipped"),
                 "nccl_ms_per_step": _get(row, "profile_rank0", "nccl_ms_per_step"),
             })

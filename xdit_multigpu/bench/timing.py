@@ -28,6 +28,7 @@ class StepTimer:
     def start(self) -> None:
         self._marks.clear()
         self._t0 = time.perf_counter()
+        self.mark()  # request start: start -> first step = per-request setup + the first step
 
     def mark(self) -> None:
         if self.cuda:
@@ -52,9 +53,12 @@ class StepTimer:
         return [(b - a) * 1000.0 for a, b in zip(self._marks, self._marks[1:])]
 
     def summary(self) -> dict[str, Any]:
-        iv = self.intervals_ms()
-        return {"step_ms": [round(x, 3) for x in iv], "median_ms": round(statistics.median(iv), 3) if iv else None,
-                "wall_s": round(self.wall_s, 4), "steps_marked": len(self._marks)}
+        first, *iv = self.intervals_ms() or [None]
+        med = statistics.median(iv) if iv else None
+        return {"step_ms": [round(x, 3) for x in iv], "median_ms": round(med, 3) if med is not None else None,
+                "first_step_ms": round(first, 3) if first is not None else None,
+                "setup_ms": round(first - med, 3) if first is not None and med is not None else None,
+                "wall_s": round(self.wall_s, 4), "steps_marked": len(self._marks) - 1}
 
     def callback(self, then: Callable[[int, int, Any], None] | None) -> Callable[[int, int, Any], None]:
         """A ``progress(step, total, x0)`` that marks, then calls ``then`` (the pool's reporter) if any."""
@@ -86,7 +90,7 @@ def reset_peak(cuda: bool) -> None:
 def profile_summary(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
     """Top device kernels (self time) and NCCL / attention / GEMM totals, per step, from a profiler run."""
     rows = []
-    nccl = attn = gemm = total = 0.0
+    nccl = attn = gemm = total = cpu_total = 0.0
     for evt in prof.key_averages():
         dev = float(getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0) or 0.0)
         cpu = float(getattr(evt, "self_cpu_time_total", 0.0) or 0.0)
@@ -94,6 +98,7 @@ def profile_summary(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
             continue
         name = evt.key
         low = name.lower()
+        cpu_total += cpu
         if dev > 0:
             total += dev
             if "nccl" in low:
@@ -111,6 +116,7 @@ def profile_summary(prof: Any, steps: int, top: int = 15) -> dict[str, Any]:
         "nccl_ms_per_step": round(nccl / 1000 / per, 3),
         "attention_ms_per_step": round(attn / 1000 / per, 3),
         "gemm_ms_per_step": round(gemm / 1000 / per, 3),
+        "host_self_ms_per_step": round(cpu_total / 1000 / per, 3),  # CPU self time of all ops (launch cost)
         "top": [{"name": n[:120], "device_ms_per_step": round(d / 1000 / per, 3), "cpu_ms_per_step": round(c / 1000 / per, 3),
                  "calls_per_step": round(k / per, 1)} for d, c, k, n in rows[:top]],
     }
