@@ -91,10 +91,13 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
     env: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "python": platform.python_version(),
                            "torch": torch.__version__, "cuda": torch.version.cuda, "host_cpus": os.cpu_count()}
-    for mod in ("ray", "yunchang", "diffusers", "xfuser", "flash_attn"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001  (absent or broken: recorded as such)
+    from importlib import metadata
+
+    for mod, dist_name in (("ray", "ray"), ("yunchang", "yunchang"), ("diffusers", "diffusers"), ("xfuser", "xfuser"),
+                           ("flash_attn", "flash-attn"), ("huggingface_hub", "huggingface-hub")):
+        try:  # metadata only: importing xfuser (or flash-attn) could touch CUDA in this GPU-free driver
+            env[mod] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
             env[mod] = None
     env["git_commit"] = _cmd(["git", "rev-parse", "--short", "HEAD"])
     env["comfyui_path"] = os.environ.get("COMFYUI_PATH")
