@@ -18,12 +18,16 @@ Variants (besides ``_cases``' ``neg_text`` / ``no_override``):
   the stock ``ControlNetApplyAdvanced``; its residuals cover the first L image tokens only
   (``hidden_states[:, :add.shape[1]] += add``), so with ``control_ref`` (15 reference tokens appended)
   the split at token L falls inside a shard;
+* ``text_replicated``: ``XDIT_SHARD_TEXT=0`` (text rows replicated on every rank instead of sharded);
 * ``wrong_rope`` (negative control of the RoPE cut): every rank gets the image RoPE rows of sp rank 0.
+
+Each case also records whether some forward sharded the text (``SequenceParallel.shard_text``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -112,11 +116,12 @@ def sample(patcher: Any, name: str, case: Case) -> Any:
 
 
 PIXEL_SCALE = {"chroma_radiance": 8}  # latent side per case.size unit (patch 16 instead of 8 x patch 2)
-NEGATIVE = ("no_override", "wrong_rope")  # negative controls: compared with the plain case's reference
+NEGATIVE = ("no_override", "wrong_rope")  # negative controls: must differ from the plain case's reference
+SAME_AS_PLAIN = (*NEGATIVE, "text_replicated")  # variants whose one-device reference is the plain case's
 
 
 def reference_key(case: Case) -> tuple[Any, ...]:
-    return replace(case, variant="" if case.variant in NEGATIVE else case.variant).reference_key
+    return replace(case, variant="" if case.variant in SAME_AS_PLAIN else case.variant).reference_key
 
 
 def image_tokens(case: Case) -> int:
@@ -125,16 +130,20 @@ def image_tokens(case: Case) -> int:
     return (case.size // 2) ** 2 + ref
 
 
-def _wrong_rows(ctx: Any, state: Any, pe: Any, text: int, dim: int = 2) -> Any:
-    """Negative control: text rows + the image rows of sp rank 0 on every rank."""
+def _wrong_rows(ctx: Any, state: Any, pe: Any, dim: int = 2) -> Any:
+    """Negative control: this rank's text rows + the image rows of sp rank 0 on every rank."""
     import torch
 
-    return torch.cat((pe.narrow(dim, 0, text), pe.narrow(dim, text, state.shard.local)), dim=dim)
+    text = pe.shape[dim] - state.shard.full
+    local_text = ctx.text_rows(state, pe.narrow(dim, 0, text), dim=dim)
+    return torch.cat((local_text, pe.narrow(dim, text, state.shard.local)), dim=dim)
 
 
 def _run_one(patched: Any, name: str, case: Case) -> Any:
     from xdit_multigpu.models import joint_rope
 
+    if case.variant == "text_replicated":  # ComfyUI-side ctx was built by parallelize; sample as usual
+        return sample(patched, name, case)
     if case.variant == "no_override":  # negative control: local-only attention must be caught
         drop_sequence_attention(patched)
     if case.variant != "wrong_rope":
@@ -145,6 +154,23 @@ def _run_one(patched: Any, name: str, case: Case) -> Any:
         return sample(patched, name, case)
     finally:
         joint_rope.local_rows = saved
+
+
+def _spy_shard_text() -> list[bool]:
+    """A list that gets True whenever ``SequenceParallel.shard_text`` did shard (rank process only)."""
+    from xdit_multigpu.parallel.sequence import SequenceParallel
+
+    seen: list[bool] = []
+    original = SequenceParallel.shard_text
+
+    def spy(self: Any, state: Any, text: Any, dim: int = 1) -> Any:
+        out = original(self, state, text, dim)
+        if state.text_sharded:
+            seen.append(True)
+        return out
+
+    SequenceParallel.shard_text = spy  # type: ignore[method-assign]
+    return seen
 
 
 def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[str, Any]:
@@ -167,17 +193,25 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     base = build_model(name)
     spec = lookup_config(base.model.model_config)
     assert spec is not None
-    out: dict[str, Any] = {"parallel": [], "reference": {}, "times": [], "fallback": [], "spec": spec.name}
+    out: dict[str, Any] = {"parallel": [], "reference": {}, "times": [], "fallback": [], "spec": spec.name,
+                           "text_sharded": []}
+    sharded_text = _spy_shard_text()
     groups = None
     for case in cases:
         plan = ParallelPlan(*case.plan)
         groups = groups_for(plan, groups, rank, world)
-        patched = parallelize(base, spec, plan, groups)
+        os.environ["XDIT_SHARD_TEXT"] = "0" if case.variant == "text_replicated" else "1"
+        try:
+            patched = parallelize(base, spec, plan, groups)  # reads the switch (Tuning.from_env)
+        finally:
+            os.environ.pop("XDIT_SHARD_TEXT")
         t0 = time.perf_counter()
         out["parallel"].append(_run_one(patched, name, case).numpy())
         out["times"].append(time.perf_counter() - t0)
         out["fallback"].append(any("all-gather" in n for n in notes))
+        out["text_sharded"].append(bool(sharded_text))
         notes.clear()
+        sharded_text.clear()
     dist.barrier()
     to = base.model_options.get("transformer_options", {})
     out["base_untouched"] = (OVERRIDE_KEY not in to and not to.get("patches") and not to.get("patches_replace")

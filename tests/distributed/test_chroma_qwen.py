@@ -14,6 +14,8 @@ in the same process (``_cases_chroma_qwen``). Per family and rank count (2 and 4
   full-square attention mask; Qwen-Image: Qwen-Image-Edit reference latents (even, and 15
   reference tokens on the positive only) and a Qwen-Image ControlNet (alone, and with the 15 reference
   tokens, so the residuals' end at token L falls inside a shard);
+* text rows sharded with the image when T divides (default) and replicated (``XDIT_SHARD_TEXT=0``);
+  each case checks which of the two ran;
 * negative controls that must differ by > 1e-2: attention left local (``no_override``) and every rank
   given sp rank 0's RoPE rows (``wrong_rope``).
 """
@@ -60,6 +62,7 @@ def _cases(family: str, ranks: int) -> list[Case]:
         Case(cfg_plan, cfg_scale=1.0),
         *(Case(sp_plan, variant=v) for v in EXTRA[family]),
         Case((1, 1, ranks), variant=EXTRA[family][-1]),
+        Case(sp_plan, variant="text_replicated"),
         Case(sp_plan, variant="no_override"),
         Case(sp_plan, variant="wrong_rope"),
     ]
@@ -98,13 +101,20 @@ def test_matches_one_device(family: str, ranks: int, index: int, comfy_root: str
         assert min(diffs) > 1e-2, f"negative control {case.variant} was not caught: diffs {diffs}"
         return
     assert max(diffs) <= TOL, f"{case}: max |parallel - one device| per rank {diffs} > {TOL}"
-    if case.variant:  # the feature changes the one-device result (so the case tests something)
+    if case.variant and reference_key(case)[-1]:  # the feature changes the one-device result
         plain = res[0]["reference"].get(reference_key(dataclasses.replace(case, variant="")))
         assert plain is None or float(np.abs(plain - ref).max()) > 1e-2, f"{case.variant} has no effect"
     sp = case.plan[1] * case.plan[2]
     if sp > 1:  # which attention path ran: USP unless the shards are uneven or a mask is set
         expect_fallback = image_tokens(case) % sp != 0 or case.variant in ("mask", "ref_odd", "control_ref")
         assert [r["fallback"][index] for r in res] == [expect_fallback] * ranks, "unexpected attention path"
+    # text rows sharded (T = 8 divides) in some forward unless every image shard is uneven, a mask is set
+    # or the switch is off (ref_odd / control_ref: the uncond has no reference tokens, so it is even)
+    expect_text = sp > 1 and (case.size // 2) ** 2 % sp == 0 and case.variant not in ("mask", "text_replicated")
+    expected = [expect_text] * ranks
+    if case.variant == "neg_text" and case.plan[0] == 2:  # the uncond's CFG ranks see T = 5 only
+        expected = [expect_text] * sp + [False] * sp
+    assert [r["text_sharded"][index] for r in res] == expected, "unexpected text split"
     assert max(spread) == 0.0, f"{case}: ranks disagree with rank 0 by {spread}"
 
 

@@ -14,11 +14,14 @@ built) and its ``DIFFUSION_MODEL`` wrapper has another signature. The split is d
 block replaces instead, as for HunyuanDiT:
 
 1. ``("double_block", i)`` replace on every double block (args ``img, txt, vec, pe, attn_mask,
-   transformer_options``): block 0 starts the per-forward ``SequenceState`` (T = ``txt.shape[1]``) and
-   shards ``img``; every block gets ``pe`` -- the RoPE table of the full ``[txt | img]`` sequence,
-   ``(B, 1, T + L, D/2, 2, 2)`` -- cut to the text rows plus this rank's image rows (``joint_rope``).
-2. ``("single_block", i)`` replace on every single block: the stream is ``[txt | local img]`` (the
-   forward concatenates the already local ``img``); same ``pe`` rows.
+   transformer_options``): block 0 starts the per-forward ``SequenceState`` (T = ``txt.shape[1]``),
+   shards ``img`` and, without an ``attn_mask``, ``txt`` too when T divides (``shard_text``: the text
+   MLPs / projections then run T/sp rows; text is never gathered -- ``forward_orig`` cuts
+   ``img[:, txt.shape[1]:]`` with the local T, matching the gather below); every block gets ``pe`` --
+   the RoPE table of the full ``[txt | img]`` sequence, ``(B, 1, T + L, D/2, 2, 2)`` -- cut to this
+   rank's text rows plus its image rows (``joint_rope``).
+2. ``("single_block", i)`` replace on every single block: the stream is ``[local txt | local img]``
+   (the forward concatenates the already local ``txt`` and ``img``); same ``pe`` rows.
 3. Attention override: joint attention over ``[txt | local img]``, q/k/v ``(B, H, S, D)``
    (``skip_reshape=True``); an ``attn_mask`` (full square) takes the exact all-gather path with its rows
    sliced, as for Flux.
@@ -66,13 +69,16 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
     def double_block(index: int) -> Any:
         def patch(args: BlockArgs, run_block: RunBlock) -> BlockArgs:
             to = args["transformer_options"]
-            img = args["img"]
+            img, txt = args["img"], args["txt"]
             if index == 0:
-                img = ctx.shard(ctx.begin(to, text_len=args["txt"].shape[1]), img, dim=1)
+                state = ctx.begin(to, text_len=txt.shape[1])
+                img = ctx.shard(state, img, dim=1)
+                if args.get("attn_mask") is None:  # a full-square mask needs every text row (exact path)
+                    txt = ctx.shard_text(state, txt, dim=1)
             state = state_of(to)
             if state is None or not state.active:  # not sharded in this forward: run unchanged
                 return run_block(args)
-            return run_block({**args, "img": img, "pe": rope.local(state, args["pe"])})
+            return run_block({**args, "img": img, "txt": txt, "pe": rope.local(state, args["pe"])})
 
         return patch
 
@@ -83,7 +89,7 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
             if state is None or not state.active:
                 return run_block(args)
             out = run_block({**args, "pe": rope.local(state, args["pe"])})
-            if index == n_single - 1:  # [txt | local img] -> [txt | full img]
+            if index == n_single - 1:  # [local txt | local img] -> [local txt | full img]
                 img, t = out["img"], state.text_len
                 out = {**out, "img": torch.cat((img[:, :t], ctx.gather(state, img[:, t:], dim=1)), dim=1)}
                 rope.clear()

@@ -3,9 +3,10 @@
 Chroma and Qwen-Image compute one RoPE table for ``cat(txt_ids, img_ids)`` -- Flux's ``EmbedND``
 layout ``(B, 1, T + L, D/2, 2, 2)``, token dim 2 -- once per forward, *after* the last point a hook can
 shard the ids, and hand the same full table to every block. Under sequence parallelism a block sees
-``[text (T, replicated) | local image shard]``, so its table must be the text rows plus this rank's
-image rows ``[T + offset, T + offset + local)``. ``JointRope`` builds that once per forward (the blocks
-receive the same tensor object) and drops it when the stream is gathered.
+``[local text | local image shard]`` -- all T text rows, or this rank's T/sp when the family sharded the
+text (``SequenceParallel.shard_text``) -- so its table must be those text rows (``text_rows``) plus this
+rank's image rows ``[T + offset, T + offset + local)``. ``JointRope`` builds that once per forward (the
+blocks receive the same tensor object) and drops it when the stream is gathered.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from ..parallel.sequence import SequenceParallel, SequenceState
 TOKEN_DIM = 2  # EmbedND output: (B, 1, S, D/2, 2, 2)
 
 
-def local_rows(ctx: SequenceParallel, state: SequenceState, pe: torch.Tensor, text: int,
-               dim: int = TOKEN_DIM) -> torch.Tensor:
-    """``pe``'s text rows ``[0, text)`` followed by this rank's image rows (see the module docstring)."""
-    image = pe.narrow(dim, text, pe.shape[dim] - text)
-    return torch.cat((pe.narrow(dim, 0, text), ctx.slice_like(state, image, dim=dim)), dim=dim)
+def local_rows(ctx: SequenceParallel, state: SequenceState, pe: torch.Tensor, dim: int = TOKEN_DIM) -> torch.Tensor:
+    """This rank's text rows of ``pe`` followed by its image rows (see the module docstring). The full
+    text length is what precedes the L image rows of the full table."""
+    assert state.shard is not None
+    text = pe.shape[dim] - state.shard.full
+    local_text = ctx.text_rows(state, pe.narrow(dim, 0, text), dim=dim)
+    image = ctx.slice_like(state, pe.narrow(dim, text, state.shard.full), dim=dim)
+    return torch.cat((local_text, image), dim=dim)
 
 
 class JointRope:
@@ -37,7 +41,7 @@ class JointRope:
 
     def local(self, state: SequenceState, pe: torch.Tensor) -> torch.Tensor:
         if pe is not self._source or self._local is None:
-            self._local = local_rows(self.ctx, state, pe, state.text_len)
+            self._local = local_rows(self.ctx, state, pe)
             self._source = pe
         return self._local
 

@@ -7,9 +7,12 @@ projections and MLPs, one joint attention over ``[txt | img]`` (``Attention.forw
 override reaches it). Hooks:
 
 1. ``("double_block", i)`` replace on every block (args ``img, txt, vec, pe, transformer_options``):
-   block 0 starts the per-forward ``SequenceState`` (T = ``txt.shape[1]``) and shards ``img``; every
-   block gets ``pe`` -- the RoPE table of ``cat(txt_ids, img_ids)``, ``(B, 1, T + L, D/2, 2, 2)``,
-   built once for the full sequence -- cut to the text rows plus this rank's image rows.
+   block 0 starts the per-forward ``SequenceState`` (T = ``txt.shape[1]``), shards ``img`` and, when T
+   divides, ``txt`` (``shard_text``: the text projections / MLPs run T/sp rows; the text stream is never
+   gathered, nothing after the blocks reads it); every block gets ``pe`` -- the RoPE table of
+   ``cat(txt_ids, img_ids)``, ``(B, 1, T + L, D/2, 2, 2)``, built once for the full sequence -- cut to
+   this rank's text rows plus its image rows (``joint_rope``). The text mask is unused by the blocks'
+   attention in this ComfyUI (below), so it does not stop the text split.
 2. Attention override: joint attention over ``[txt | local img]``, q/k/v ``(B, H, S, D)``. The text
    mask (``encoder_hidden_states_mask``) is not passed to the attention by this ComfyUI (mask None).
 3. The last block gathers ``img`` (inside its replace, before ``norm_out`` / ``proj_out``), so the
@@ -81,14 +84,16 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
     def block(index: int) -> Any:
         def patch(args: BlockArgs, run_block: RunBlock) -> BlockArgs:
             to = args["transformer_options"]
-            img = args["img"]
+            img, txt = args["img"], args["txt"]
             if index == 0:
                 _refuse_block_patches(to)
-                img = ctx.shard(ctx.begin(to, text_len=args["txt"].shape[1]), img, dim=1)
+                state = ctx.begin(to, text_len=txt.shape[1])
+                img = ctx.shard(state, img, dim=1)
+                txt = ctx.shard_text(state, txt, dim=1)
             state = state_of(to)
             if state is None or not state.active:  # not sharded in this forward: run unchanged
                 return run_block(args)
-            out = run_block({**args, "img": img, "pe": rope.local(state, args["pe"])})
+            out = run_block({**args, "img": img, "txt": txt, "pe": rope.local(state, args["pe"])})
             if index == last:
                 out = {**out, "img": ctx.gather(state, out["img"], dim=1)}
                 rope.clear()
