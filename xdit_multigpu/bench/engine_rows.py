@@ -84,6 +84,7 @@ class EngineBench:
             "per_step_ms_ranks": [s["median_ms"] for s in stats],
             "timed_wall_s": round(timed["wall_s"], 4), "worker_wall_s": stats[0]["wall_s"],
             "setup_ms": stats[0].get("setup_ms"),  # rank 0: request start -> first step, minus one step
+            "attention_paths": stats[0].get("paths"),  # rank 0, whole timed request: calls per path
             "dispatch_ms": [warm["dispatch_ms"], timed["dispatch_ms"]],
             "peak_allocated_gb": [s["peak_allocated_gb"] for s in stats],
             "peak_reserved_gb": [s["peak_reserved_gb"] for s in stats],

@@ -54,7 +54,7 @@ def _size_rows(name: str, m: dict[str, Any], size: int) -> list[dict[str, Any]]:
                 "per_step_ms": ms, "speedup_vs_ours_1": _ratio(ours1, ms), "speedup_vs_stock": _ratio(stock_ms, ms),
                 "peak_gb": row.get("peak_allocated_gb"), "e2e_s": _e2e(row.get("e2e_sampling_s"), vae),
                 "dispatch_ms": _median(row.get("dispatch_ms")), "pool_start_s": eng.get("pool_start_s"),
-                "setup_ms": row.get("setup_ms"),
+                "setup_ms": row.get("setup_ms"), "attention_paths": _paths(row.get("attention_paths")),
                 "rel_l2_vs_stock": _get(row, "vs_stock", "rel_l2"), "error": row.get("error") or row.get("skipped"),
                 "nccl_ms_per_step": _get(row, "profile_rank0", "nccl_ms_per_step"),
             })
@@ -70,3 +70,16 @@ def _median(xs: list[float] | None) -> float | None:
         return None
     s = sorted(xs)
     return s[len(s) // 2]
+
+
+def _paths(p: dict[str, Any] | None) -> str | None:
+    """"fused 114, text sharded" style digest of a row's attention-path counts (rank 0, timed request)."""
+    if not p:
+        return None
+    parts = [f"{k} {p[k]}" for k in ("fused", "usp", "fallback") if p.get(k)]
+    if p.get("text_sharded") or p.get("text_replicated"):
+        parts.append("text sharded" if p.get("text_sharded") and not p.get("text_replicated") else
+                     "text replicated" if not p.get("text_sharded") else "text mixed")
+    if p.get("fallback_reason"):
+        parts.append(f"fallback: {p['fallback_reason']}")
+    return ", ".join(parts) or "no sequence parallel"

@@ -7,13 +7,53 @@ the last run's timings for ``stats``. Nothing here changes what is computed.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..engine.request import SampleRequest
 from ..worker.worker import Worker
 from .timing import StepTimer, memory_stats, profile_summary, profiled, reset_peak
+
+
+def _counting(counts: dict[str, Any], key: str) -> Callable[[Any], Any]:
+    def make(original: Any) -> Any:
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(self, *args, **kwargs)
+            if key == "text":  # SequenceParallel.shard_text(state, ...): which way the text went
+                counts["text_sharded" if args[0].text_sharded else "text_replicated"] += 1
+            else:
+                counts[key] += 1
+                if key == "fallback":
+                    counts["fallback_reason"] = str(args[0])
+            return out
+
+        return counted
+
+    return make
+
+
+@contextlib.contextmanager
+def count_paths() -> Iterator[dict[str, Any]]:
+    """Which attention paths one request took (fused Ulysses, yunchang USP, all-gather fallback) and
+    whether the text was sharded; counting wrappers on our own classes, removed afterwards."""
+    from .. import patching
+    from ..parallel import attention, sequence, ulysses
+
+    counts: dict[str, Any] = {"fused": 0, "usp": 0, "fallback": 0, "text_sharded": 0, "text_replicated": 0}
+    targets = {"fused": (ulysses.FusedUlysses, "__call__"), "usp": (attention.SequenceAttention, "usp"),
+               "fallback": (attention.SequenceAttention, "note_fallback"), "text": (sequence.SequenceParallel, "shard_text")}
+    keys = []
+    try:
+        for name, (owner, attr) in targets.items():
+            key = f"xdit_bench.count.{name}"
+            if patching.install(key, owner, attr, _counting(counts, name)):
+                keys.append(key)
+        yield counts
+    finally:
+        for key in keys:
+            patching.remove(key)
 
 
 class BenchWorker(Worker):
@@ -30,18 +70,19 @@ class BenchWorker(Worker):
     def sample(self, req: SampleRequest, progress: Callable[[int, int, Any], None] | None = None) -> Any:
         timer = StepTimer(self._cuda())
         t_in = time.time()
-        timer.start()
-        if self._profile_next:
-            self._profile_next = False
-            with profiled(self._cuda()) as prof:
+        with count_paths() as paths:
+            timer.start()
+            if self._profile_next:
+                self._profile_next = False
+                with profiled(self._cuda()) as prof:
+                    out = super().sample(req, progress=timer.callback(progress))
+                    timer.finish()
+                self._last = {**timer.summary(), "profile": profile_summary(prof, req.steps)}
+            else:
                 out = super().sample(req, progress=timer.callback(progress))
                 timer.finish()
-            self._last = {**timer.summary(), "profile": profile_summary(prof, req.steps)}
-        else:
-            out = super().sample(req, progress=timer.callback(progress))
-            timer.finish()
-            self._last = timer.summary()
-        self._last.update(rank=self.rank, t_in=t_in, t_out=time.time())
+                self._last = timer.summary()
+        self._last.update(rank=self.rank, t_in=t_in, t_out=time.time(), paths=paths)
         return out
 
     def bench_stats(self) -> dict[str, Any]:
