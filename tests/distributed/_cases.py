@@ -52,11 +52,13 @@ PIXART_KV_CONFIG = dict(PIXART_CONFIG, kv_compress_config={"sampling": "conv", "
 HYDIT_CONFIG = dict(image_model="hydit", depth=4, hidden_size=128, num_heads=4, in_channels=4, patch_size=2,
                     text_states_dim=64, text_states_dim_t5=64, text_len=TEXT_LEN, text_len_t5=6)
 HYDIT_T5_LEN = 6
+HYDIT_CN_CONFIG = dict(HYDIT_CONFIG, depth=40, hidden_size=64)
 LATENT_CHANNELS = {"flux": 16, "sd3": 16}  # everything else: 4
 # EPS / V models sample from sigma ~ 15: damp the output layer so final latents stay O(10) and an fp32
 # mismatch of a few ulps stays far below the 1e-4 tolerance (random weights otherwise give |x| ~ 1e3-1e4).
 OUTPUT_LAYER = {"sdxl": ("out.2", 0.3), "pixart": ("final_layer.linear", 0.1),
-                "pixart_alpha": ("final_layer.linear", 0.1), "hunyuan_dit": ("final_layer.linear", 0.3)}
+                "pixart_alpha": ("final_layer.linear", 0.1), "hunyuan_dit": ("final_layer.linear", 0.3),
+                "hunyuan_dit_cn": ("final_layer.linear", 0.3)}
 
 
 def _init_weights(module: Any, seed: int) -> None:
@@ -89,6 +91,8 @@ def build_model(name: str) -> Any:
         "pixart_alpha": (comfy.supported_models.PixArtAlpha, PIXART_ALPHA_CONFIG),
         "pixart_kv": (comfy.supported_models.PixArtSigma, PIXART_KV_CONFIG),
         "hunyuan_dit": (comfy.supported_models.HunyuanDiT, HYDIT_CONFIG),
+        # 40 blocks: HunyuanDiT's ControlNet always emits 19 residuals, one per long skip of a 40-block model.
+        "hunyuan_dit_cn": (comfy.supported_models.HunyuanDiT, HYDIT_CN_CONFIG),
     }
     cls, config = configs[name]
     mc = cls(dict(config))
@@ -115,7 +119,7 @@ def _cond(name: str, gen: Any, text_len: int, size: int) -> list[Any]:
     context = torch.randn(1, text_len, 64, generator=gen)
     if name.startswith("pixart"):
         return [context, {}]
-    if name == "hunyuan_dit":  # fixed lengths: CLIP text_len and mT5 text_len_t5
+    if name.startswith("hunyuan_dit"):  # fixed lengths: CLIP text_len and mT5 text_len_t5
         return [context, dict(attention_mask=torch.ones(1, text_len, dtype=torch.int64),
                               conditioning_mt5xl=torch.randn(1, HYDIT_T5_LEN, 64, generator=gen),
                               attention_mask_mt5xl=torch.ones(1, HYDIT_T5_LEN, dtype=torch.int64),

@@ -60,6 +60,16 @@ def build_controlnet(name: str) -> Any:
         cfg = dict(FLUX_CONFIG, depth=1, depth_single_blocks=1)
         model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=ops, device=dev, dtype=torch.float32, **cfg)
         extra: dict[str, Any] = dict(extra_conds=["y", "guidance"])
+    elif name == "hunyuan_dit_cn":  # as load_controlnet_hunyuandit wraps it, hint in latent space (no VAE)
+        import comfy.ldm.hydit.controlnet
+
+        from _cases import HYDIT_CN_CONFIG
+
+        cfg = {k: v for k, v in HYDIT_CN_CONFIG.items() if k != "image_model"}
+        model = comfy.ldm.hydit.controlnet.HunYuanControlNet(operations=ops, device=dev, dtype=torch.float32, **cfg)
+        extra = dict(compression_ratio=1, extra_conds=["text_embedding_mask", "encoder_hidden_states_t5",
+                                                       "text_embedding_mask_t5", "image_meta_size", "style",
+                                                       "cos_cis_img", "sin_cis_img"])
     else:
         model = comfy.cldm.mmdit.ControlNet(num_blocks=2, control_latent_channels=16, operations=ops, device=dev,
                                             dtype=torch.float32, **SD3_CONFIG)
@@ -74,7 +84,7 @@ def _hint(name: str, size: int) -> Any:
 
     if name == "flux":
         return torch.rand(1, size * 8, size * 8, 3, generator=_gen(21))
-    return torch.randn(1, size, size, 16, generator=_gen(21))
+    return torch.randn(1, size, size, 4 if name.startswith("hunyuan") else 16, generator=_gen(21))
 
 
 def _pixel_mask(size: int) -> Any:

@@ -53,6 +53,16 @@ def test_sharded_residuals_follow_the_state() -> None:
     assert lst[0] is add
 
 
+def test_pop_hands_out_local_rows_and_leaves_the_stored_list_alone() -> None:
+    """HunyuanDiT consumes residuals with ``controls.pop()``."""
+    a, b = torch.arange(8.0).reshape(1, 8, 1), torch.arange(8.0, 16.0).reshape(1, 8, 1)
+    options: dict[str, Any] = {STATE_KEY: SequenceState(text_len=0, shard=Shard((4, 4), 1), active=True)}
+    stored = [a, b]
+    lst = ShardedResiduals(stored, options)
+    assert lst.pop().flatten().tolist() == [12.0, 13.0, 14.0, 15.0] and len(lst) == 1
+    assert lst.pop().flatten().tolist() == [4.0, 5.0, 6.0, 7.0] and stored == [a, b]
+
+
 def test_wrapper_shards_supported_control() -> None:
     seen: dict[str, Any] = {}
 

@@ -113,6 +113,9 @@ HUNYUAN_DIT = register(
         heads=_heads_or(16),  # HunYuanDiT default; detection leaves num_heads out
         hook="dit double_block replace on every block (shard / slice RoPE / gather) + blocks.i.attn1 object patch",
         sequence_parallel=LazyInstaller("xdit_multigpu.models.hunyuan_dit", "install_sequence_parallel"),
+        # HunyuanDiT's forward adds control["output"].pop() to the long-skip input of the blocks after the
+        # middle, outside the block replace, while the stream is sharded: the local rows are handed out.
+        control_residuals=True,
     )
 )
 

@@ -15,7 +15,9 @@ Hooks, in the order a forward meets them:
    ``optimized_attention`` without options, so the attention override cannot reach it).
 3. Cross-attention ``attn2``: unchanged, local queries (with the sliced RoPE) against complete text.
 
-ControlNet residuals (added to the long skips) are refused by the generic APPLY_MODEL guard.
+ControlNet residuals: the forward adds ``control["output"].pop()`` to the long skip of each block after the
+middle, outside the block replace, while the stream is sharded; ``ctx.forward_state`` lets the generic
+APPLY_MODEL wrapper (``parallel/control.py``) hand out this rank's rows.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
         raise UnsupportedModelError("model", "this HunyuanDiT model has no transformer blocks", "Use one device")
     last = n_blocks - 1
     slot = ForwardSlot()
+    ctx.forward_state = slot.active  # ControlNet residuals (added to the long skips) follow this state
 
     def block_patch(index: int) -> Any:
         def patch(args: BlockArgs, run_block: RunBlock) -> BlockArgs:

@@ -91,5 +91,5 @@ def apply_sequence(patcher: Any, spec: ModelSpec, groups: ParallelGroups) -> Seq
     ctx = SequenceParallel(groups, make_attention_override(SequenceAttention(groups, tuning)), tuning)
     spec.sequence_parallel(patcher, ctx)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTROL_KEY,
-                                 make_control_wrapper(spec.control_residuals, spec.display))
+                                 make_control_wrapper(spec.control_residuals, spec.display, ctx.forward_state))
     return ctx

@@ -25,7 +25,7 @@ from typing import Any, SupportsIndex
 import torch
 
 from ..errors import UnsupportedModelError
-from .sequence import Shard, state_of
+from .sequence import SequenceState, Shard, state_of
 
 CONTROL_KEY = "xdit_multigpu.sequence_parallel_control"
 TOKEN_DIM = 1  # residuals are (B, n, C), like the image stream
@@ -47,12 +47,14 @@ class ShardedResiduals(list):  # type: ignore[type-arg]
     stored tensors stay full-length and are never modified.
     """
 
-    def __init__(self, items: list[Any], transformer_options: Mapping[str, Any]) -> None:
+    def __init__(self, items: list[Any], transformer_options: Mapping[str, Any],
+                 forward_state: Callable[[], SequenceState | None] | None = None) -> None:
         super().__init__(items)
         self._options = transformer_options
+        self._forward_state = forward_state  # families whose state lives in a ForwardSlot (HunyuanDiT)
 
     def _local(self, item: Any) -> Any:
-        state = state_of(self._options)  # type: ignore[arg-type]
+        state = self._forward_state() if self._forward_state is not None else state_of(self._options)  # type: ignore[arg-type]
         if not isinstance(item, torch.Tensor) or state is None or not state.active or state.shard is None:
             return item
         return residual_rows(item, state.shard)
@@ -66,14 +68,24 @@ class ShardedResiduals(list):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[Any]:
         return (self._local(x) for x in super().__iter__())
 
+    def pop(self, index: SupportsIndex = -1) -> Any:
+        """HunyuanDiT consumes its residuals with ``controls.pop()`` (the view is a per-call copy)."""
+        return self._local(super().pop(index))
 
-def shard_control(control: Mapping[str, Any], transformer_options: Mapping[str, Any]) -> dict[str, Any]:
+
+def shard_control(control: Mapping[str, Any], transformer_options: Mapping[str, Any],
+                  forward_state: Callable[[], SequenceState | None] | None = None) -> dict[str, Any]:
     """A new control dict whose residual lists are ``ShardedResiduals`` views (other values as is)."""
-    return {k: ShardedResiduals(v, transformer_options) if isinstance(v, list) else v for k, v in control.items()}
+    return {k: ShardedResiduals(v, transformer_options, forward_state) if isinstance(v, list) else v
+            for k, v in control.items()}
 
 
-def make_control_wrapper(supported: bool, family: str) -> Callable[..., Any]:
+def make_control_wrapper(supported: bool, family: str,
+                         forward_state: Callable[[], SequenceState | None] | None = None) -> Callable[..., Any]:
     """The ``APPLY_MODEL`` wrapper: shard ControlNet residuals (``supported``) or refuse them.
+
+    ``forward_state``: where the forward's ``SequenceState`` lives when it is not in
+    ``transformer_options`` (``SequenceParallel.forward_state``, set by families that use a ``ForwardSlot``).
 
     Refusal is raised by every rank of a sequence group together (they see the same conds), before any
     collective of the step.
@@ -87,7 +99,7 @@ def make_control_wrapper(supported: bool, family: str) -> Callable[..., Any]:
                     "parallel_strategy", f"ControlNet is not supported with sequence parallelism for {family}",
                     "Use CFG parallel (or one device) with ControlNet",
                 )
-            control = shard_control(control, transformer_options)
+            control = shard_control(control, transformer_options, forward_state)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     return apply_model

@@ -21,7 +21,7 @@ same dict reaches every block and attention call of one forward), under ``STATE_
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,9 @@ class SequenceParallel:
     def __init__(self, groups: ParallelGroups, attention_override: Any, tuning: Tuning | None = None) -> None:
         self.groups = groups
         self.attention_override = attention_override  # install as transformer_options[...override]
+        # Set by installers whose per-forward state lives in a ForwardSlot rather than transformer_options
+        # (``slot.active``), so generic hooks outside the blocks (ControlNet residuals) can find it.
+        self.forward_state: Callable[[], SequenceState | None] | None = None
         self.tuning = tuning or Tuning()
 
     @property
