@@ -142,8 +142,6 @@ def _wrong_rows(ctx: Any, state: Any, pe: Any, dim: int = 2) -> Any:
 def _run_one(patched: Any, name: str, case: Case) -> Any:
     from xdit_multigpu.models import joint_rope
 
-    if case.variant == "text_replicated":  # ComfyUI-side ctx was built by parallelize; sample as usual
-        return sample(patched, name, case)
     if case.variant == "no_override":  # negative control: local-only attention must be caught
         drop_sequence_attention(patched)
     if case.variant != "wrong_rope":
