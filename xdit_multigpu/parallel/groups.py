@@ -14,6 +14,7 @@ default group (cfg 2 x sp 2 one run, sp 4 the next) without re-initialising ``to
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from ..config import ParallelPlan
 from ..errors import ConfigError
 from .comm import ProcessGroup, new_group
+
+log = logging.getLogger(__name__)
 
 
 def _blocks(plan: ParallelPlan) -> dict[str, list[list[int]]]:
@@ -111,11 +114,7 @@ class ParallelGroups:
                 if rank in ranks:
                     setattr(g, kind, pg)
         if plan.sp > 1 and dist.get_backend() == "nccl":
-            for ranks in _blocks(plan)["sp"]:
-                pg = new_group(ranks, timeout_s, backend="gloo")
-                g._owned.append(pg)
-                if rank in ranks:
-                    g.sp_cpu = pg
+            g._build_sp_cpu(plan, timeout_s)
         if plan.sp > 1 and (plan.ulysses == 1 or plan.ring == 1):
             for r in range(world_size):
                 pg = new_group([r], timeout_s)
@@ -123,6 +122,19 @@ class ParallelGroups:
                 if r == rank:
                     g.solo = pg
         return g
+
+    def _build_sp_cpu(self, plan: ParallelPlan, timeout_s: float) -> None:
+        """Gloo twins of the sequence groups (host-side shape checks without a device sync). Optional:
+        if gloo cannot form here, the checks run on the NCCL group as before."""
+        try:
+            for ranks in _blocks(plan)["sp"]:
+                pg = new_group(ranks, timeout_s, backend="gloo")
+                self._owned.append(pg)
+                if self.rank in ranks:
+                    self.sp_cpu = pg
+        except (RuntimeError, ValueError) as e:
+            log.warning("xDiT: no gloo twin of the sequence group (%s); shape checks use NCCL", e)
+            self.sp_cpu = None
 
     def destroy(self) -> None:
         """Release this plan's groups (every rank calls it, e.g. before building another plan)."""
