@@ -40,6 +40,14 @@ PIXART_SIGMA = {
 }
 # HunyuanDiT v1.2 (DiT-g/2): hidden 1408, 16 heads, 40 blocks (no size/style conditioning in v1.2).
 HUNYUAN_DIT = {"image_model": "hydit", "depth": 40, "hidden_size": 1408, "mlp_ratio": 4.3637}
+# Chroma1-HD as ComfyUI detects it: Flux's 19 double + 38 single blocks without per-block modulation
+# weights; the approximator (in 64, hidden 5120, 5 layers, out 3072) gives every block's modulation.
+CHROMA_HD = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 4096, "hidden_size": 3072,
+    "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120,
+    "n_layers": 5,
+}
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,18 @@ def _sd3_cond(tokens: int, ctx: int, pooled: int) -> Callable[[int, int], tuple[
     return make
 
 
+def _t5_only_cond(tokens: int) -> Callable[[int, int], tuple[list, list]]:
+    """Chroma: T5 context only (CLIPTextEncode gives pooled_output None)."""
+    def make(width: int, height: int) -> tuple[list, list]:  # noqa: ARG001
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        return tuple([[_randn((1, tokens, 4096 if tokens > 64 else 64), g, 1.0), {"pooled_output": None}]]
+                     for _ in range(2))  # type: ignore[return-value]
+
+    return make
+
+
 def _pixart_cond(width: int, height: int) -> tuple[list, list]:
     import torch
 
@@ -125,9 +145,12 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
          notes="0.6 B params; T5 300 tokens (cross-attention); cfg 4.5", vae_channels=4),
     Arch("hunyuan-dit", HUNYUAN_DIT, "HunyuanDiT", 16, 4, 6.0, _hunyuan_cond,
          notes="1.5 B params; CLIP 77 + mT5 256 tokens (cross-attention); cfg 6", vae_channels=4),
+    Arch("chroma-hd", CHROMA_HD, "Chroma", 24, 16, 4.0, _t5_only_cond(512),
+         notes="8.9 B params; T5 512 tokens; cfg 4 with a negative (not guidance-distilled)"),
     # CPU self-check: the test suite's tiny models (fp32 compute on CPU).
     Arch("tiny-flux", {}, "Flux", 4, 16, 1.0, _flux_cond(16, 64, 32), explicit_config=True, tiny_family="flux"),
     Arch("tiny-sd3", {}, "SD3", 4, 16, 3.0, _sd3_cond(77, 4096, 2048), tiny_family="sd3"),
+    Arch("tiny-chroma", {}, "Chroma", 4, 16, 3.0, _t5_only_cond(16), explicit_config=True, tiny_family="chroma"),
 )}
 REAL = ("flux-dev", "sd35-large", "pixart-sigma", "hunyuan-dit")
 
