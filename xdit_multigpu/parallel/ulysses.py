@@ -9,7 +9,7 @@ all-to-all returns this rank's S rows with all heads.
 
 Why not yunchang here: its ``LongContextAttention`` issues one all-to-all per tensor (q, k, v, out),
 each with its own reshapes and ``contiguous`` copies, and needs an LSE-returning kernel; with ring == 1
-neither the LSE nor separate collectives are needed. Per call this is 3 packing copies, 1 unpack, the
+neither the LSE nor separate collectives are needed. Per call this is 1 packing stack, 1 unpack, the
 attention, 1 pack, 1 unpack and 2 collectives.
 """
 
@@ -43,9 +43,7 @@ class FusedUlysses:
         u = self.u
         parts = [_split_heads(t, heads, u, skip_reshape) for t in (q, k, v)]
         _, b, hu, s, d = parts[0].shape
-        send = torch.empty((u, 3, b, hu, s, d), dtype=q.dtype, device=q.device)
-        for i, p in enumerate(parts):  # one packing copy per tensor, straight into the send buffer
-            send[:, i].copy_(p)
+        send = torch.stack(parts, dim=1)  # (U, 3, B, H/U, S, D): one packing copy of each tensor
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         # recv[j] = rank j's S tokens for this rank's heads -> (3, B, H/U, U*S, D), rank-major tokens
