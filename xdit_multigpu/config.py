@@ -205,6 +205,7 @@ def parse_encoder_device(text: str, visible_gpus: int) -> str | None:
 VAE_TILE_PIXELS_ENV = "XDIT_VAE_TILE_PIXELS"
 VAE_TILE_TIMEOUT_ENV = "XDIT_VAE_TILE_TIMEOUT_S"
 VAE_BLEND_ENV = "XDIT_VAE_BLEND"
+VAE_TILE_BATCH_ENV = "XDIT_VAE_TILE_BATCH"
 
 
 class VAEBlend(StrEnum):
@@ -222,8 +223,9 @@ class VAEParallelConfig:
     ``tile_pixels``: a plain decode / encode of an image with more pixels than this goes the parallel
     tiled way; 0 = only where ComfyUI's own memory estimate exceeds the VAE device's free memory (where
     the stock VAE would run out of memory and retry tiled). ``max_batch``: tiles of equal shape run
-    together on one device (1 = one tile per call, bit-identical to ComfyUI's tiler). ``blend``: see
-    ``VAEBlend`` (``XDIT_VAE_BLEND``).
+    together on one device (``XDIT_VAE_TILE_BATCH``; 1 = one tile per call, bit-identical to ComfyUI's
+    tiler; more may change the last bits where kernels pick other algorithms for other batch sizes).
+    ``blend``: see ``VAEBlend`` (``XDIT_VAE_BLEND``).
     """
 
     devices: tuple[str, ...]
@@ -274,6 +276,7 @@ def parse_vae_parallel(text: str, visible_gpus: int | None) -> VAEParallelConfig
         devices=devices,
         tile_pixels=int(_env_number(VAE_TILE_PIXELS_ENV, 0, 0)),
         timeout_s=_env_number(VAE_TILE_TIMEOUT_ENV, 600.0, 1.0),
+        max_batch=int(_env_number(VAE_TILE_BATCH_ENV, 1, 1)),
         blend=_env_blend(),
     )
 

@@ -38,11 +38,12 @@ def vaes(tiny_models):
     return {"kl": tiny_kl_vae(), "taesd": taesd}
 
 
-def _par(vae, slots: int = 2, tile_pixels: int = 0):
+def _par(vae, slots: int = 2, tile_pixels: int = 0, max_batch: int = 1):
     from xdit_multigpu.config import VAEParallelConfig
     from xdit_multigpu.engine.vae import parallelize
 
-    return parallelize(vae, VAEParallelConfig(devices=("cpu",) * slots, tile_pixels=tile_pixels))
+    cfg = VAEParallelConfig(devices=("cpu",) * slots, tile_pixels=tile_pixels, max_batch=max_batch)
+    return parallelize(vae, cfg)
 
 
 def _latent(vae, batch: int, h: int, w: int, seed: int = 0):
@@ -70,6 +71,16 @@ def test_parallel_tiled_decode_equals_comfy_tiled_decode(vaes, kind, slots, batc
     assert ref.shape == (batch, 168, 216, 3) and torch.isfinite(ref).all() and ref.std() > 0.05
     assert torch.equal(out, ref), (out - ref).abs().max()
     assert f"tiles over {slots} CPU slots" in caplog.text
+
+
+def test_batched_tiles_equal_within_rounding(vaes):
+    """``XDIT_VAE_TILE_BATCH`` > 1: tiles of one shape decoded together; per-sample math, so equal up to the
+    last bits a kernel may change for another batch size (fp32: max abs <= 1e-5)."""
+    vae = vaes["kl"]
+    lat = _latent(vae, 1, 21, 27)
+    ref = vae.decode_tiled(lat, tile_x=8, tile_y=8, overlap=2)
+    out = _par(vae, 2, max_batch=4).decode_tiled(lat, tile_x=8, tile_y=8, overlap=2)
+    assert (out - ref).abs().max() <= 1e-5
 
 
 def test_image_within_one_tile_and_batch(vaes):

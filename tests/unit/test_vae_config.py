@@ -39,8 +39,9 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDIT_VAE_TILE_PIXELS", "4194304")
     monkeypatch.setenv("XDIT_VAE_TILE_TIMEOUT_S", "30")
     monkeypatch.setenv("XDIT_VAE_BLEND", "Device")
+    monkeypatch.setenv("XDIT_VAE_TILE_BATCH", "2")
     cfg = parse_vae_parallel("cpu:2", 0)
-    assert (cfg.tile_pixels, cfg.timeout_s, cfg.blend) == (4194304, 30.0, VAEBlend.DEVICE)
+    assert (cfg.tile_pixels, cfg.timeout_s, cfg.blend, cfg.max_batch) == (4194304, 30.0, VAEBlend.DEVICE, 2)
     monkeypatch.setenv("XDIT_VAE_BLEND", "gpu")
     with pytest.raises(ConfigError, match="^XDIT_VAE_BLEND: "):
         parse_vae_parallel("cpu:2", 0)

@@ -20,8 +20,8 @@ runs the host serially). Generic: never names a model; torch is only needed for 
 
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -70,16 +70,17 @@ class TilePool:
     never changes the order the host sees. ``max_batch > 1`` runs consecutive queued tiles of equal
     shape as one batch (``torch.cat`` on dim 0; the outputs are split back per tile)."""
 
-    _DONE = None
-
     def __init__(self, runners: Sequence[TileFn], *, max_batch: int = 1, name: str = "xdit-tile") -> None:
         if not runners:
             raise ValueError("TilePool needs at least one runner")
         self._runners = list(runners)
         self._max_batch = max(1, max_batch)
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._pending: deque[_Job] = deque()  # in submission order; taken from the left only
+        self._cv = threading.Condition()
+        self._sealed = False
         self._jobs: list[_Job] = []
         self._cancel = threading.Event()
+        self._error: BaseException | None = None  # the first failure: what cancelled tiles report
         self._counts = [0] * len(runners)
         self._threads = [
             threading.Thread(target=self._loop, args=(slot,), name=f"{name}-{slot}", daemon=True)
@@ -91,13 +92,16 @@ class TilePool:
     def submit(self, tile: Any) -> int:
         job = _Job(len(self._jobs), tile)
         self._jobs.append(job)
-        self._queue.put(job)
+        with self._cv:
+            self._pending.append(job)
+            self._cv.notify()
         return job.index
 
     def seal(self) -> None:
-        """No more jobs: each thread exits once the queue is empty."""
-        for _ in self._threads:
-            self._queue.put(self._DONE)
+        """No more jobs: each thread exits once nothing is pending."""
+        with self._cv:
+            self._sealed = True
+            self._cv.notify_all()
 
     def result(self, index: int, timeout_s: float) -> Any:
         job = self._jobs[index]
@@ -118,31 +122,30 @@ class TilePool:
         return TileStats(len(self._jobs), tuple(self._counts))
 
     def _take(self) -> list[_Job] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        while len(batch) < self._max_batch:
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is None or tuple(nxt.tile.shape) != tuple(first.tile.shape):
-                self._queue.put(nxt)  # order among the rest does not matter: results are by index
-                break
-            batch.append(nxt)
-        return batch
+        """The oldest pending job, plus the ones right after it of the same shape (up to ``max_batch``);
+        None once sealed and drained. Never reorders: a job left behind stays first in line."""
+        with self._cv:
+            while not self._pending and not self._sealed:
+                self._cv.wait()
+            if not self._pending:
+                return None
+            batch = [self._pending.popleft()]
+            shape = tuple(batch[0].tile.shape)
+            while len(batch) < self._max_batch and self._pending and tuple(self._pending[0].tile.shape) == shape:
+                batch.append(self._pending.popleft())
+            return batch
 
     def _loop(self, slot: int) -> None:
         run = self._runners[slot]
         while (batch := self._take()) is not None:
             if self._cancel.is_set():
                 for job in batch:
-                    job.finish(error=XDiTError(f"tile {job.index} cancelled (an earlier tile failed or the run ended)"))
+                    job.finish(error=self._error or XDiTError(f"tile {job.index} cancelled: the run ended"))
                 continue
             try:
                 outs = _run_batch(run, [j.tile for j in batch])
             except BaseException as e:  # noqa: BLE001  (handed to the host thread, which re-raises it)
+                self._error = self._error or e
                 self._cancel.set()
                 for job in batch:
                     job.finish(error=e)
