@@ -37,7 +37,13 @@ from ..parallel.tiles import TileShapeError, TileStats, run_tiled
 
 log = logging.getLogger("xdit_multigpu")
 
-_LIVE: weakref.WeakSet[XDiTVAE] = weakref.WeakSet()
+_LIVE: weakref.WeakSet[XDiTVAE] = weakref.WeakSet()  # for /free; guarded: /free runs on another thread
+_LIVE_LOCK = threading.Lock()
+
+
+def _track(vae: XDiTVAE) -> None:
+    with _LIVE_LOCK:
+        _LIVE.add(vae)
 
 
 class _TileModel:
@@ -84,7 +90,9 @@ def _empty_cache(devices: list[torch.device]) -> None:
 def release_replicas() -> None:
     """Drop every parallel VAE's device copies (``/free`` and exit; the VAE itself stays usable)."""
     freed: list[torch.device] = []
-    for vae in list(_LIVE):
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for vae in live:
         freed += vae._xdit_replicas.release()
     _empty_cache(freed)
 
@@ -138,7 +146,7 @@ class XDiTVAE(comfy.sd.VAE):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._xdit_replicas = _Replicas()
-        _LIVE.add(self)
+        _track(self)
 
     # --- where the stock VAE would decode / encode whole: large images go tiled ------------------------
 
@@ -276,5 +284,5 @@ def parallelize(vae: comfy.sd.VAE, cfg: VAEParallelConfig) -> XDiTVAE:
     par.__dict__.update(vae.__dict__)
     par.xdit_parallel = cfg
     par._xdit_replicas = _Replicas()
-    _LIVE.add(par)
+    _track(par)
     return par
