@@ -125,7 +125,7 @@ def _count_sequence_calls() -> list[int]:
     import xdit_multigpu.parallel.apply as apply_mod
     from xdit_multigpu.parallel.sequence import state_of
 
-    calls = [0]
+    calls = [0, 0]  # [calls with a live state, of which with the text sharded too]
     make = apply_mod.make_attention_override
 
     def counting(attn: Any) -> Any:
@@ -134,6 +134,7 @@ def _count_sequence_calls() -> list[int]:
         def override(func: Any, *args: Any, **kwargs: Any) -> Any:
             state = state_of(kwargs.get("transformer_options"))
             calls[0] += int(state is not None and state.active)
+            calls[1] += int(state is not None and state.active and state.text_sharded)
             return inner(func, *args, **kwargs)
 
         return override
@@ -175,10 +176,11 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[VCase]]) -> dict[s
             for key in [k for k in patched.object_patches if k.endswith(".cross_attn.forward")]:
                 patched.object_patches.pop(key)
         t0 = time.perf_counter()
-        seq_calls[0] = 0
+        seq_calls[:] = [0, 0]
         out["parallel"].append(sample(patched, name, case).numpy())
         out["times"].append(time.perf_counter() - t0)
         out.setdefault("seq_calls", []).append(seq_calls[0])
+        out.setdefault("text_sharded", []).append(seq_calls[1] > 0)
         out["fallback"].append(any("all-gather" in n for n in notes))
         notes.clear()
     dist.barrier()

@@ -127,6 +127,15 @@ def test_matches_one_device(family: str, ranks: int, index: int, comfy_root: str
     if sp > 1:  # USP unless the shards are uneven
         expect_fallback = image_tokens(family, case) % sp != 0
         assert [r["fallback"][index] for r in res] == [expect_fallback] * ranks, "unexpected attention path"
+        # NextDiT shards the caption too when the image shards are even (T = 8 here, Z-Image pads to 32);
+        # Wan has no text in its self-attention
+        expect_text = FAMILIES[family][0] == "lumina2" and not expect_fallback
+        flags = [r["text_sharded"][index] for r in res]
+        if family == "lumina2" and expect_text and case.variant == "neg_text" and case.plan[0] > 1:
+            # CFG: the half holding the 5-token negative keeps it whole (Z-Image pads both to 32)
+            assert sorted(flags) == [False] * (ranks // 2) + [True] * (ranks // 2), flags
+        else:
+            assert flags == [expect_text] * ranks, "unexpected text sharding"
     assert max(spread) == 0.0, f"{case}: ranks disagree with rank 0 by {spread}"
 
 

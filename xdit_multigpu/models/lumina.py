@@ -20,9 +20,13 @@ replace exists in NextDiT, so the blocks are hooked with bound-method object pat
    image-only attention) and shards ``x`` -- every image token, padding tokens included (they are
    attended unmasked on one device too). Every noise-refiner block gets its RoPE rows sliced.
 2. ``layers.i``: ``x`` arrives as ``[caption (T, whole) | local image]``; T = ``freqs_cis`` rows minus
-   the image tokens. The state's text length is set to T and the RoPE table becomes
-   ``[caption rows | local image rows]``. The last layer gathers the image rows, so ``norm_final``,
-   ``final_layer`` and ``unpatchify`` see the full stream on every rank.
+   the image tokens. Layer 0 sets the state's text length to T and, when T divides over the ranks and
+   the image shards are even (``SequenceParallel.shard_text``; Z-Image pads captions to 32, so always
+   at sp 2 / 4 / 8), shards the caption rows too: per-token layers then run T/sp caption rows and
+   attention takes the uniform (fused Ulysses) path. The RoPE table becomes ``[this rank's caption
+   rows | its image rows]``. The last layer gathers the caption rows (if sharded) and the image rows,
+   so ``norm_final``, ``final_layer`` and ``unpatchify`` (which skips exactly T caption rows) see the
+   full stream on every rank.
 3. A ``DIFFUSION_MODEL`` wrapper removes the state before and after every forward, so the caption
    refiner never sees a live state (not even after a forward that raised).
 
@@ -38,8 +42,10 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
+from ..parallel.comm import all_gather_uneven
 from ..parallel.hooks import install_attention_override, patch_method
 from ..parallel.sequence import STATE_KEY, SequenceParallel, SequenceState, state_of
+from .joint_rope import local_rows
 
 MODEL = "diffusion_model"
 WRAPPER_KEY = "xdit_multigpu.lumina_sequence_parallel"
@@ -51,18 +57,16 @@ def _live(transformer_options: Any) -> SequenceState | None:
 
 
 class _JointRope:
-    """``[caption rows | this rank's image rows]`` of one forward's ``freqs_cis`` (computed once per
-    forward: every joint layer receives the same tensor)."""
+    """``[this rank's caption rows | its image rows]`` of one forward's ``freqs_cis`` (token dim 1),
+    computed once per forward: every joint layer receives the same tensor."""
 
     def __init__(self) -> None:
         self.source: torch.Tensor | None = None
         self.local: torch.Tensor | None = None
 
-    def get(self, ctx: SequenceParallel, state: SequenceState, freqs: torch.Tensor, text: int) -> torch.Tensor:
-        if self.source is not freqs:
-            image = ctx.slice_like(state, freqs[:, text:], dim=1)
-            self.source, self.local = freqs, torch.cat((freqs[:, :text], image), dim=1)
-        assert self.local is not None
+    def get(self, ctx: SequenceParallel, state: SequenceState, freqs: torch.Tensor) -> torch.Tensor:
+        if self.source is not freqs or self.local is None:
+            self.source, self.local = freqs, local_rows(ctx, state, freqs, dim=1)
         return self.local
 
 
@@ -108,15 +112,26 @@ def install_sequence_parallel(patcher: Any, ctx: SequenceParallel) -> None:
             state = _live(options)
             if state is None or state.shard is None:
                 return original(x, x_mask, freqs_cis, adaln_input, transformer_options=options)
-            text = freqs_cis.shape[1] - state.shard.full  # caption tokens (incl. padding), replicated
-            state.text_len = text
-            out = original(x, x_mask, rope.get(ctx, state, freqs_cis, text), adaln_input, transformer_options=options)
+            if index == 0:  # x = [caption (T, incl. padding, whole) | local image]
+                state.text_len = freqs_cis.shape[1] - state.shard.full
+                if x_mask is None:  # shard the caption too when T divides (ctx.shard_text decides)
+                    t = state.text_len
+                    x = torch.cat((ctx.shard_text(state, x[:, :t], dim=1), x[:, t:]), dim=1)
+            out = original(x, x_mask, rope.get(ctx, state, freqs_cis), adaln_input, transformer_options=options)
             if index == last:
-                out = torch.cat((out[:, :text], ctx.gather(state, out[:, text:], dim=1)), dim=1)
+                out = gather(state, out)
                 options.pop(STATE_KEY, None)
             return out
 
         return block
+
+    def gather(state: SequenceState, out: torch.Tensor) -> torch.Tensor:
+        """``[caption | image]`` whole on every rank: ``unpatchify`` skips exactly T caption rows."""
+        t = state.text_len
+        text = out[:, :t]
+        if state.text_sharded:
+            text = all_gather_uneven(text.contiguous(), 1, (t,) * ctx.size, ctx.groups.sp)
+        return torch.cat((text, ctx.gather(state, out[:, t:], dim=1)), dim=1)
 
     install_attention_override(patcher, ctx.attention_override)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model)
