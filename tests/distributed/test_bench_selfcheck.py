@@ -37,6 +37,10 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     assert len(flux2["per_step_ms_ranks"]) == 2 and len(flux2["step_ms"]) == 1
     paths = flux2["attention_paths"]  # tiny Flux: 2 joint attentions per forward, 16 text tokens
     assert paths["fused"] > 0 and paths["text_sharded"] > 0 and paths["fallback"] == 0 and paths["usp"] == 0
+    legacy = report["models"]["tiny-flux"]["engine"]["2"]["rows"]["Hybrid (levers off)/128"]  # A/B row
+    lp = legacy["attention_paths"]
+    assert lp["usp"] > 0 and lp["fused"] == 0 and lp["text_replicated"] > 0 and lp["text_sharded"] == 0
+    assert legacy["vs_stock"]["rel_l2"] < 1e-4
     sd3 = report["models"]["tiny-sd3"]["engine"]["2"]["rows"]["Hybrid/128"]
     assert sd3["plan"].startswith("cfg 2") and sd3["vs_stock"]["rel_l2"] < 1e-4
     stock = report["models"]["tiny-flux"]["stock"]["sizes"]["128"]

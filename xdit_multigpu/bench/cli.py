@@ -43,6 +43,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="flux-dev only, 1 and 4 GPUs, 3 repeats, no side-by-side")
     ap.add_argument("--profile", action="store_true", help="one extra profiled request per row (rank 0 summary)")
     ap.add_argument("--no-side-by-side", action="store_true", help="skip diffusers context parallelism")
+    ap.add_argument("--no-ab", dest="ab", action="store_false",
+                    help="skip the A/B rows (largest device count again with XDIT_SHARD_TEXT=0 XDIT_FUSED_ULYSSES=0)")
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("XDIT_BENCH_BUDGET_S", "530")),
                     help="optional parts (later models, side-by-side) are skipped once this much time has passed")
     ap.add_argument("--cpu-selfcheck", action="store_true", help="tiny Flux/SD3 on cpu:1 / cpu:2, 1 repeat (CI)")

@@ -20,6 +20,8 @@ from .realsize import Arch
 
 log = logging.getLogger("xdit_multigpu.bench")
 BENCH_WORKER = "xdit_multigpu.bench.worker.BenchWorker"
+LEGACY_ENV = {"XDIT_SHARD_TEXT": "0", "XDIT_FUSED_ULYSSES": "0"}  # the first GPU run's attention path
+LEGACY = "levers off"
 
 
 def make_engine() -> Any:
@@ -71,7 +73,7 @@ class EngineBench:
         return {"wall_s": t1 - t0, "plan": res.plan.describe(), "reason": res.plan.reason, "stats": stats,
                 "latent": res.latent, "dispatch_ms": round((r0["t_in"] - t0 + t1 - r0["t_out"]) * 1000, 2)}
 
-    def row(self, strategy: str, size: int, stock_latent: Any) -> dict[str, Any]:
+    def row(self, strategy: str, size: int, stock_latent: Any, e2e: bool = True) -> dict[str, Any]:
         """Warm-up, timed run (per-step median), optional 28-step and profiled runs, at one size."""
         ex = self._executor()
         ex.collective_rpc("bench_reset", timeout=60)
@@ -91,7 +93,7 @@ class EngineBench:
         }
         if stock_latent is not None:
             out["vs_stock"] = compare(timed["latent"], stock_latent)
-        if size in self.opts.e2e_sizes:
+        if e2e and size in self.opts.e2e_sizes:
             e2e = self.request(strategy, size, self.opts.e2e_steps)
             out["e2e_sampling_s"] = round(e2e["wall_s"], 3)
             out["dispatch_ms"].append(e2e["dispatch_ms"])
@@ -101,6 +103,15 @@ class EngineBench:
             out["profile_rank0"] = prof["stats"][0].get("profile")
             out["profiled_per_step_ms"] = prof["stats"][0]["median_ms"]
         return out
+
+    def legacy_row(self, strategy: str, size: int, stock_latent: Any) -> dict[str, Any]:
+        """The same row with the parallel-path levers off (text replicated, yunchang's all-to-alls)."""
+        ex = self._executor()
+        old = ex.collective_rpc("bench_env", (LEGACY_ENV,), timeout=60)[0]
+        try:
+            return self.row(strategy, size, stock_latent, e2e=False)
+        finally:
+            self._executor().collective_rpc("bench_env", (old,), timeout=60)
 
     def release(self) -> None:
         self.engine.release_all(stop_ray=False)
@@ -129,16 +140,19 @@ def run_model(engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: Devi
         result["error"] = f"pool start: {type(e).__name__}: {e}"
         bench.release()
         return result
-    for strategy in strategies_for(arch, n, opts.strategies):
-        for size in sizes:
-            key = f"{strategy}/{size}"
-            try:
-                result["rows"][key] = bench.row(strategy, size, stock_latents.get(size))
-            except ConfigError as e:
-                result["rows"][key] = {"skipped": str(e)}
-            except Exception as e:  # noqa: BLE001
-                log.exception("bench row %s %s failed", arch.name, key)
-                result["rows"][key] = {"error": f"{type(e).__name__}: {e}"}
+    jobs = [(s, size, False) for s in strategies_for(arch, n, opts.strategies) for size in sizes]
+    if getattr(opts, "ab", False) and n > 1 and n == max(opts.gpus):
+        jobs += [("Hybrid", size, True) for size in sizes]
+    for strategy, size, legacy in jobs:
+        key = f"{strategy} ({LEGACY})/{size}" if legacy else f"{strategy}/{size}"
+        try:
+            run = bench.legacy_row if legacy else bench.row
+            result["rows"][key] = run(strategy, size, stock_latents.get(size))
+        except ConfigError as e:
+            result["rows"][key] = {"skipped": str(e)}
+        except Exception as e:  # noqa: BLE001
+            log.exception("bench row %s %s failed", arch.name, key)
+            result["rows"][key] = {"error": f"{type(e).__name__}: {e}"}
     bench.release()
     return result
 

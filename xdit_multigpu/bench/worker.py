@@ -89,6 +89,19 @@ class BenchWorker(Worker):
         """The last ``sample``'s timings on this rank plus the peak memory since ``bench_reset``."""
         return {**self._last, **memory_stats(self._cuda())}
 
+    def bench_env(self, env: dict[str, str | None]) -> dict[str, str | None]:
+        """Set (None: unset) environment variables in this rank, e.g. the A/B switches of
+        ``parallel/tuning.py``, which are read when the next request is parallelised; returns the old values."""
+        import os
+
+        old = {k: os.environ.get(k) for k in env}
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return old
+
     def bench_reset(self, profile_next: bool = False) -> dict[str, Any]:
         """Reset the peak-memory counters; ``profile_next``: profile the next ``sample`` on this rank."""
         reset_peak(self._cuda())
