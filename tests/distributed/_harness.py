@@ -96,8 +96,9 @@ def groups_for(plan: Any, current: Any, rank: int, world: int) -> Any:
     """The ``ParallelGroups`` of ``plan``: ``current`` when it already is, else rebuilt (old ones freed)."""
     from xdit_multigpu.parallel.groups import ParallelGroups
 
-    if current is not None and current.plan == plan:
-        return current
+    degrees = (plan.cfg, plan.ulysses, plan.ring)
+    if current is not None and (current.plan.cfg, current.plan.ulysses, current.plan.ring) == degrees:
+        return current  # as the worker does: groups are keyed by the degrees only (not e.g. the backend)
     if current is not None:
         current.destroy()
     return ParallelGroups.build(plan, rank, world, timeout_s=GLOO_TIMEOUT_S)

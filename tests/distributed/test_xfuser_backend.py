@@ -33,7 +33,10 @@ PLANS = {2: [(1, 2, 1), (1, 1, 2)], 4: [(1, 4, 1), (1, 1, 4), (1, 2, 2), (2, 2, 
 
 def _cases(world: int) -> list[Case]:
     sp = (1, 2, 1) if world == 2 else (1, 2, 2)
-    cases = [Case(p, sampler=s, attention="xfuser") for p in PLANS[world] for s in ("euler", "dpmpp_2m")]
+    # The default backend first on the same degrees: the groups are reused (as in a worker) and the
+    # backend must still switch with the request's plan.
+    cases = [Case(PLANS[world][0])]
+    cases += [Case(p, sampler=s, attention="xfuser") for p in PLANS[world] for s in ("euler", "dpmpp_2m")]
     return cases + [Case(sp, variant="neg_text", attention="xfuser"), Case(sp, variant="no_override", attention="xfuser")]
 
 
@@ -47,7 +50,8 @@ CASES = [(m, w, i) for m in ("flux", "sd3") for w in (2, 4) for i in range(len(_
 
 
 @pytest.mark.parametrize(("model", "world", "index"), CASES,
-                         ids=[f"{m}-w{w}-{_cases(w)[i].plan}-{_cases(w)[i].sampler}{_cases(w)[i].variant}" for m, w, i in CASES])
+                         ids=[f"{m}-w{w}-{_cases(w)[i].plan}-{_cases(w)[i].attention}-{_cases(w)[i].sampler}{_cases(w)[i].variant}"
+                              for m, w, i in CASES])
 def test_xfuser_backend_matches_one_device(model: str, world: int, index: int, comfy_root: str) -> None:
     cases, res = _results(model, world, comfy_root)
     case = cases[index]
@@ -56,6 +60,9 @@ def test_xfuser_backend_matches_one_device(model: str, world: int, index: int, c
     if case.variant == "no_override":
         assert min(diffs) > 1e-2, f"negative control was not caught: diffs {diffs}"
         return
-    assert all(r["xfuser_calls"][index] > 0 for r in res), "xfuser's attention did not run"
+    if case.attention != "xfuser":
+        assert all(r["xfuser_calls"][index] == 0 for r in res)
+    else:
+        assert all(r["xfuser_calls"][index] > 0 for r in res), "xfuser's attention did not run"
     assert not any(r["fallback"][index] for r in res), "the exact all-gather path ran instead"
     assert max(diffs) <= TOL, f"{case}: max |parallel - one device| per rank {diffs} > {TOL}"

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import ParallelPlan
+from ..config import AttentionBackend, ParallelPlan
 from ..errors import ConfigError, UnsupportedModelError
 from ..models.registry import Axis, ModelSpec
 from .attention import SequenceAttention, make_attention_override
@@ -32,7 +32,8 @@ def unet_config_of(patcher: Any) -> Mapping[str, Any]:
 
 def validate(spec: ModelSpec, plan: ParallelPlan, unet_config: Mapping[str, Any], groups: ParallelGroups) -> None:
     """Raise ConfigError / UnsupportedModelError (field + fix) unless ``plan`` can run ``spec``."""
-    if plan != groups.plan or plan.world_size != groups.world_size:
+    degrees = (plan.cfg, plan.ulysses, plan.ring)
+    if degrees != (groups.plan.cfg, groups.plan.ulysses, groups.plan.ring) or plan.world_size != groups.world_size:
         raise ConfigError(
             "parallel_plan",
             f"the plan ({plan.describe()}) differs from the groups' ({groups.plan.describe()})",
@@ -75,20 +76,21 @@ def parallelize(patcher: Any, spec: ModelSpec, plan: ParallelPlan, groups: Paral
         apply_cfg(clone, groups)
         log.info("xDiT: applied CFG parallel (degree %d) on rank %d", plan.cfg, groups.rank)
     if plan.sp > 1:
-        apply_sequence(clone, spec, groups)
+        apply_sequence(clone, spec, groups, plan.attention)
         log.info("xDiT: applied %s sequence parallel (ulysses %d x ring %d) on rank %d",
                  spec.name, plan.ulysses, plan.ring, groups.rank)
     return clone
 
 
-def apply_sequence(patcher: Any, spec: ModelSpec, groups: ParallelGroups) -> SequenceParallel:
+def apply_sequence(patcher: Any, spec: ModelSpec, groups: ParallelGroups,
+                   backend: AttentionBackend = AttentionBackend.YUNCHANG) -> SequenceParallel:
     """Install the family's sequence-parallel hooks on ``patcher`` (already a clone), plus the
     ``APPLY_MODEL`` wrapper that shards ControlNet residuals (or refuses them, see ``control.py``)."""
     import comfy.patcher_extension  # noqa: PLC0415  (the package imports without ComfyUI)
 
     assert spec.sequence_parallel is not None
     tuning = Tuning.from_env()
-    ctx = SequenceParallel(groups, make_attention_override(SequenceAttention(groups, tuning)), tuning)
+    ctx = SequenceParallel(groups, make_attention_override(SequenceAttention(groups, tuning, backend)), tuning)
     spec.sequence_parallel(patcher, ctx)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CONTROL_KEY,
                                  make_control_wrapper(spec.control_residuals, spec.display, ctx.forward_state))

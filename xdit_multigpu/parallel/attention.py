@@ -85,14 +85,15 @@ def _long_context_attention(ulysses_pg: Any, ring_pg: Any) -> torch.nn.Module:
 class SequenceAttention:
     """The distributed attention of one parallelised patcher (state-free between calls)."""
 
-    def __init__(self, groups: ParallelGroups, tuning: Tuning | None = None) -> None:
+    def __init__(self, groups: ParallelGroups, tuning: Tuning | None = None,
+                 backend: AttentionBackend = AttentionBackend.YUNCHANG) -> None:
         tuning = tuning or Tuning()
         self.groups = groups
         plan = groups.plan
         self.ulysses = plan.ulysses
         uly_pg, ring_pg = groups.ulysses or groups.solo, groups.ring or groups.solo
         self._xfuser = None
-        if plan.attention is AttentionBackend.XFUSER:
+        if backend is AttentionBackend.XFUSER:
             from .xfuser_attention import XFuserUSP  # noqa: PLC0415  (optional dependency)
 
             try:
