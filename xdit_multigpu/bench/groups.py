@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     arch = ARCHS["tiny-sd3" if args.cpu else args.model]
     gpus = 0 if args.cpu else torch.cuda.device_count()
-    layouts = CPU_LAYOUTS if args.cpu else GPU_LAYOUTS.get(4 if gpus >= 4 else 2 if gpus >= 2 else 0, ())
+    layouts = CPU_LAYOUTS if args.cpu else tuple(args.layouts or GPU_LAYOUTS.get(4 if gpus >= 4 else 2 if gpus >= 2 else 0, ()))
     if not layouts:
         raise SystemExit(f"needs 2 or 4 GPUs, found {gpus}")
     written = write_model(arch, args.models, device="cpu" if args.cpu else "cuda")
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "xdit_bench_models"))
+    ap.add_argument("--layouts", nargs="+", default=None, help='gpu_devices values to compare, e.g. "0,1,2,3" "0,1|2,3"')
     ap.add_argument("--cpu", action="store_true", help="CPU self-check: tiny SD3, cpu:2 vs cpu:1|cpu:1")
     args = ap.parse_args(argv)
     if args.cpu:
