@@ -56,9 +56,11 @@ def test_nextdit_hooks(comfy_root: str) -> None:
     _has(nextdit.patchify_and_embed,
          "freqs_cis = self.rope_embedder(torch.cat((cap_pos_ids, x_pos_ids), dim=1)).movedim(1, 2)",
          "for layer in self.context_refiner:",
-         "cap_feats = layer(cap_feats, cap_mask, freqs_cis[:, :cap_pos_ids.shape[1]], transformer_options=transformer_options)",
+         "cap_feats = layer(cap_feats, cap_mask, freqs_cis[:, :cap_pos_ids.shape[1]], "
+         "transformer_options=transformer_options)",
          "for layer in self.noise_refiner:",
-         "x = layer(x, padded_img_mask, freqs_cis[:, cap_pos_ids.shape[1]:], t, transformer_options=transformer_options)",
+         "x = layer(x, padded_img_mask, freqs_cis[:, cap_pos_ids.shape[1]:], t, "
+         "transformer_options=transformer_options)",
          "padded_full_embed = torch.cat((cap_feats, x), dim=1)", "mask = None")
     _has(nextdit._forward, "for layer in self.layers:",
          "x = layer(x, mask, freqs_cis, adaln_input, transformer_options=transformer_options)",

@@ -60,7 +60,8 @@ def build_model(name: str) -> Any:
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, "")
     _init_weights(model.diffusion_model, seed=7)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def conds(name: str, neg_text: bool = False) -> tuple[list[Any], list[Any]]:

@@ -4,8 +4,9 @@ sampler on every rank) on the tiny model *files* the workers load themselves
 
 2 CPU ranks per family; plans Ulysses 2, Ring 2 and CFG 2 on one pool (switched per request), euler and
 dpmpp_2m, an even and an uneven token count (Lumina 2: 10 x 9 = 90 and 9 x 9 = 81 image tokens, Z-Image
-pads both to 96; Wan: 3 frames x 4 x 4 = 48 and 3 x 5 x 5 = 75 video tokens), and ``Engine.sample`` with Hybrid / USP exactly as the
-GPU tier calls it. Parallel latent vs one-device latent: max abs diff <= 1e-4 (fp32 CPU workers).
+pads both to 96; Wan: 3 frames x 4 x 4 = 48 and 3 x 5 x 5 = 75 video tokens), and ``Engine.sample``
+with Hybrid / USP exactly as the GPU tier calls it. Parallel latent vs one-device latent: max abs diff
+<= 1e-4 (fp32 CPU workers).
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ wan22            supported_models.WAN22_T2V         detected (TI2V-5B layout: 48
 ===============  =================================  ==========================================
 
 The recipes are also registered with ``tiny_models`` (``write_tiny_models(out, ["wan21"])`` and its CLI
-work too; opt-in, not in ``DEFAULT_FAMILIES``). Wan latents are 5-D ``(B, C, frames, H/8, W/8)`` (``empty_video_latent``; Wan 2.2's VAE is 16x, the
-tiny test only needs the shape). Conditioning: ``tiny_models.conditioning_for`` (context only).
+work too; opt-in, not in ``DEFAULT_FAMILIES``). Wan latents are 5-D ``(B, C, frames, H/8, W/8)``
+(``empty_video_latent``; Wan 2.2's VAE is 16x, the tiny test only needs the shape). Conditioning:
+``tiny_models.conditioning_for`` (context only).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ _RECIPES: dict[str, _Recipe] = {
     r.family: r
     for r in (
         _Recipe("lumina2", DIFFUSION_MODELS, "unet", _LUMINA2, "Lumina2", False, "bfloat16",
-                dict(context_dim=256, context_tokens=24, latent_channels=16, heads=4, extra_cond="none"), default=False),
+                dict(context_dim=256, context_tokens=24, latent_channels=16, heads=4, extra_cond="none"),
+                default=False),
         _Recipe("zimage", DIFFUSION_MODELS, "unet", _ZIMAGE, "Lumina2", False, "bfloat16",
                 dict(context_dim=256, context_tokens=24, latent_channels=16, heads=4,
                      extra_cond="none (caption padded to 32 tokens by the model)"), default=False),
