@@ -94,9 +94,9 @@ class EngineBench:
         if stock_latent is not None:
             out["vs_stock"] = compare(timed["latent"], stock_latent)
         if e2e and size in self.opts.e2e_sizes:
-            e2e = self.request(strategy, size, self.opts.e2e_steps)
-            out["e2e_sampling_s"] = round(e2e["wall_s"], 3)
-            out["dispatch_ms"].append(e2e["dispatch_ms"])
+            run28 = self.request(strategy, size, self.opts.e2e_steps)
+            out["e2e_sampling_s"] = round(run28["wall_s"], 3)
+            out["dispatch_ms"].append(run28["dispatch_ms"])
         if self.opts.profile:
             ex.collective_rpc("bench_reset", (True,), timeout=60)
             prof = self.request(strategy, size, self.opts.repeats + 1)
