@@ -62,3 +62,17 @@ def test_schema_and_render():
     assert "| flux-dev | 1024² | 4 | Hybrid: cfg 1 x ulysses 4 x ring 1 | 50.0 | 3.44x | 3.40x |" in md
     assert "![speedup flux-dev](img/speedup_flux-dev.svg)" in md
     assert svg_chart("m", {1024: [(1, 1.0), (4, 3.4)]}).count("<circle") == 2
+
+
+def test_merge_split_runs():
+    from xdit_multigpu.bench.report import merge
+
+    first = _report()
+    first["side_by_side"] = {"skipped": "--no-side-by-side"}
+    side = {"schema": "xdit-bench/1", "models": {}, "total_s": 2.0, "side_by_side": {"diffusers_cp": {"rows": [
+        {"mode": "ulysses", "gpus": 4, "size": 1024, "per_step_ms": 60.0}]}}}
+    merged = merge([first, side])
+    assert merged["side_by_side"]["diffusers_cp"]["rows"][0]["mode"] == "ulysses"
+    assert "flux-dev" in merged["models"] and merged["total_s"] == 3.0
+    md = render(merged, {})
+    assert "| ulysses | 4 | 1024² | 60.0 |" in md and "| 50.0 |" in md  # ours on the same GPUs beside it

@@ -43,6 +43,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="flux-dev only, 1 and 4 GPUs, 3 repeats, no side-by-side")
     ap.add_argument("--profile", action="store_true", help="one extra profiled request per row (rank 0 summary)")
     ap.add_argument("--no-side-by-side", action="store_true", help="skip diffusers context parallelism")
+    ap.add_argument("--side-by-side-only", action="store_true",
+                    help="run only diffusers' context parallelism (to split a GPU session into shorter calls)")
     ap.add_argument("--no-ab", dest="ab", action="store_false",
                     help="skip the A/B rows (largest device count again with XDIT_SHARD_TEXT=0 XDIT_FUSED_ULYSSES=0)")
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("XDIT_BENCH_BUDGET_S", "530")),

@@ -223,15 +223,35 @@ def svg_chart(model: str, by_size: dict[int, list[tuple[int, float]]]) -> str:
     return "\n".join(parts + ["</svg>"]) + "\n"
 
 
+def _load(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs of the same session: models and a side-by-side result that ran
+    are taken from later files; environment and options from the first."""
+    base = dict(reports[0])
+    base["models"] = dict(base.get("models", {}))
+    for extra in reports[1:]:
+        base["models"].update({k: v for k, v in extra.get("models", {}).items() if "skipped" not in v})
+        side = extra.get("side_by_side", {})
+        if side.get("diffusers_cp", {}).get("rows"):
+            base["side_by_side"] = side
+        base["total_s"] = (base.get("total_s") or 0) + (extra.get("total_s") or 0)
+    base.pop("summary", None)
+    return base
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m xdit_multigpu.bench.report", description=__doc__)
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json", required=True, nargs="+",
+                    help="bench.json file(s); several (e.g. split GPU calls) are merged, later ones adding models / side by side")
     ap.add_argument("--out", required=True, help="markdown file to write")
     ap.add_argument("--plots", default=None, help="directory for the plots (default: next to --out, img/)")
     args = ap.parse_args(argv)
-    with open(args.json) as f:
-        report = json.load(f)
-    rows = report.get("summary") or summarize(report)
+    report = merge([_load(p) for p in args.json])
+    rows = summarize(report)
     md_dir = os.path.dirname(os.path.abspath(args.out))
     plots = write_plots(rows, args.plots or os.path.join(md_dir, "img"), md_dir)
     os.makedirs(md_dir, exist_ok=True)

@@ -26,7 +26,7 @@ def run_all(engine: Any, args: Any, report: dict[str, Any], save: Callable[[], N
     def over() -> bool:
         return time.perf_counter() - t_start > args.budget_s
 
-    for i, name in enumerate(args.models):
+    for i, name in enumerate([] if args.side_by_side_only else args.models):
         if i > 0 and over():
             report["models"][name] = {"skipped": f"time budget ({args.budget_s:.0f} s) used up"}
             continue
@@ -45,7 +45,7 @@ def run_all(engine: Any, args: Any, report: dict[str, Any], save: Callable[[], N
             m["engine"][str(n)] = run_model(engine, arch, m["file"], n, kind, args, latents, sizes)
             save()
         m["model_s"] = round(time.perf_counter() - t0, 1)
-    if args.no_side_by_side:
+    if args.no_side_by_side and not args.side_by_side_only:
         report["side_by_side"] = {"skipped": "--no-side-by-side (or --quick / --cpu-selfcheck)"}
     elif over():
         report["side_by_side"] = {"skipped": f"time budget ({args.budget_s:.0f} s) used up"}
