@@ -123,6 +123,10 @@ def test_flux_hooks(comfy_root: str) -> None:
          '("double_block", i) in blocks_replace', '("single_block", i) in blocks_replace', "self.final_layer(")
     _has(flux_math.attention, "optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask, "
          "transformer_options=transformer_options)")
+    # Sharded text (SequenceParallel.shard_text): post_input's txt / txt_ids are read back, the mask comes
+    # from the DIFFUSION_MODEL kwargs (seen by our wrapper), the final slice uses the (local) text length.
+    _has(Flux.forward_orig, 'txt = out["txt"]', 'txt_ids = out["txt_ids"]', "img = img[:, txt.shape[1] :, ...]")
+    _has(Flux._forward, 'attn_mask=kwargs.get("attention_mask", None)')
 
 
 # --- SD3 / MMDiT ----------------------------------------------------------------------------------------
@@ -134,6 +138,7 @@ def test_mmdit_hooks(comfy_root: str) -> None:
     _has(mmdit._block_mixing, "optimized_attention(", "transformer_options=transformer_options")
     _has(mmdit.MMDiT.forward_core_with_concat, '("double_block", i) in blocks_replace',
          '{"img": x, "txt": context, "vec": c_mod, "transformer_options": transformer_options}',
+         'context = out["txt"]',  # the sharded context of block 0's replace flows into the next blocks
          "self.final_layer(")
     assert hasattr(mmdit.MMDiT, "forward_core_with_concat")
 
