@@ -53,4 +53,5 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     text = md.read_text()
     assert "| tiny-flux | 128² | 2 | Hybrid: cfg 1 x ulysses 2" in text
     assert "| tiny-sd3 | 128² | 2 | Hybrid: cfg 2" in text
+    assert "## Levers A/B" in text and "| tiny-flux | 128² | 2 |" in text.split("## Levers A/B")[1]
     assert (tmp_path / "docs" / "img" / "speedup_tiny-flux.svg").read_text().startswith("<svg")

@@ -68,10 +68,29 @@ def render(report: dict[str, Any], plots: dict[str, str]) -> str:
             "*vs stock*: ComfyUI's own sampler in a fresh process. The 28-step image adds ComfyUI's VAE decode "
             "(measured on 1 GPU in the stock process) to the engine's sampling wall time; text encoding is "
             "replaced by fixed conditioning.", ""]
-    out += _pool_lines(report, rows) + _side_lines(report, rows) + _target_lines(report, rows) + _profile_lines(report)
+    out += _ab_lines(rows) + _pool_lines(report, rows) + _side_lines(report, rows) + _target_lines(report, rows) + _profile_lines(report)
     if plots:
         out += ["## Plots", ""] + [f"![speedup {name}]({path})" for name, path in sorted(plots.items())] + [""]
     return "\n".join(out) + "\n"
+
+
+def _ab_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Same pool, same size: the Hybrid row against its "levers off" twin (text replicated, yunchang)."""
+    on = {(r["model"], r["size"], r["gpus"]): r for r in rows if r.get("strategy") == "Hybrid" and r.get("per_step_ms")}
+    lines = []
+    for r in rows:
+        if r.get("strategy") != "Hybrid (levers off)" or not r.get("per_step_ms"):
+            continue
+        new = on.get((r["model"], r["size"], r["gpus"]))
+        if new:
+            lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']} | {_f(r['per_step_ms'])} | "
+                         f"{_f(new['per_step_ms'])} | {r['per_step_ms'] / new['per_step_ms']:.2f}x |")
+    if not lines:
+        return []
+    return (["## Levers A/B (same pool, same run)", "",
+             "| model | image | GPUs | levers off (ms/step) | levers on (ms/step) | gain |", "|---|---|---|---|---|---|"]
+            + lines + ["", "*Levers off*: `XDIT_SHARD_TEXT=0 XDIT_FUSED_ULYSSES=0` (text replicated on every rank, "
+                       "yunchang's all-to-alls and LSE kernel), the attention path of the first GPU run.", ""])
 
 
 def _pool_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
