@@ -141,3 +141,55 @@ def test_makespans_with_one_group_twice_as_slow(sd3):
         assert times[name] <= 1.10 * IDEAL_S, (name, report, shares[name])
     assert times["round_robin"] >= 1.25 * IDEAL_S, (report, shares["round_robin"])
     assert "group 0 (1 CPU rank(s)): 5 item(s), group 1 (1 CPU rank(s)): 3 item(s)" in shares["adaptive_warm"]
+
+
+class DyingOnceWorker(Worker):
+    """Dies (the whole actor process) on its first ``sample`` after the marker file was armed."""
+
+    marker = ""
+
+    def sample(self, req, progress=None):
+        if self.marker and os.path.exists(self.marker):
+            os.remove(self.marker)
+            os._exit(3)
+        return super().sample(req, progress)
+
+
+def test_group_whose_worker_dies_is_taken_out_and_its_items_redispatched(sd3, tmp_path):
+    """Group 1's actor dies mid-batch: its items go to group 0, the batch still equals one device, the
+    status names the failure, and group 1 is rebuilt in the background and used again by the next batch."""
+    from xdit_multigpu.engine.dispatch import dispatcher_for
+    from xdit_multigpu.engine.pool import WorkerPool
+    from xdit_multigpu.models import lookup
+    from xdit_multigpu.worker import comfy_runtime
+
+    load, patcher = sd3[0], sd3[1]
+    marker = tmp_path / "die"
+    dying = type("DyingWorker", (DyingOnceWorker,), {"marker": str(marker)})
+
+    def factory(spec, timeouts):
+        return WorkerPool.start(spec, timeouts, worker_cls=dying if spec.devices.ids == (1,) else Worker)
+
+    req = _request(sd3, "euler_ancestral")
+    ref = comfy_runtime.run_sampler(patcher, req)
+    eng = _engine(factory)
+    spec = _spec(load, "cpu:1|cpu:1", SchedulingStrategy.ROUND_ROBIN)
+    try:
+        for g in spec.device_groups():
+            eng.pool(spec.for_group(g))
+        marker.write_text("armed")
+        out = eng.sample(spec, req, lookup("SD3"), 4, True, patcher)
+        assert out.fallback_reason is None, out.fallback_reason
+        assert "group 1 (1 CPU rank(s)) failed and is being rebuilt" in out.groups, out.groups
+        assert "group 0 (1 CPU rank(s)): 8 item(s)" in out.groups, out.groups
+        assert (out.latent.float() - ref.float()).abs().max().item() <= TOL
+        disp = dispatcher_for(eng, spec)
+        deadline = time.monotonic() + 180
+        while not disp.groups[1].up and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert disp.groups[1].up, "group 1 was not rebuilt"
+        again = eng.sample(spec, req, lookup("SD3"), 4, True, patcher)
+        assert "group 1 (1 CPU rank(s)): 4 item(s)" in again.groups, again.groups
+        assert (again.latent.float() - ref.float()).abs().max().item() <= TOL
+    finally:
+        eng.release_all(stop_ray=False)
