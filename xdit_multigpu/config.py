@@ -6,7 +6,6 @@ the host (e.g. how many CUDA devices are visible) so that parsing stays pure and
 
 from __future__ import annotations
 
-import enum
 import os
 import re
 import dataclasses

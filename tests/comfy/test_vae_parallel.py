@@ -108,8 +108,6 @@ def test_parallel_tiled_encode_equals_comfy_tiled_encode(vaes, kind):
 
 def test_misordered_tiles_differ(vaes, monkeypatch):
     """Negative control: the same tiles with two of them swapped on replay do not give ComfyUI's result."""
-    import torch
-
     from xdit_multigpu.parallel import tiles
 
     vae = vaes["kl"]

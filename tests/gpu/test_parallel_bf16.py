@@ -106,7 +106,7 @@ def test_one_rank_pool_equals_in_process(setup, family):
     sampler on the same GPU exactly: any difference here is process state, not parallelism."""
     import comfy.sample
 
-    from xdit_multigpu.config import DeviceSet, DispatcherSpec, ParallelPlan
+    from xdit_multigpu.config import DeviceSet, DispatcherSpec
     from xdit_multigpu.engine.engine import get_engine
     from xdit_multigpu.engine.request import SampleRequest
     from xdit_multigpu.testing.tiny_models import conditioning_for, empty_latent

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import AttentionBackend, DeviceKind, DispatcherSpec, ParallelPlan
+from ..config import AttentionBackend, DispatcherSpec, ParallelPlan
 from ..errors import WorkerError
 from ..executor.base import ProgressHook
 from ..executor.local import LocalExecutor

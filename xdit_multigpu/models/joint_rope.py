@@ -11,8 +11,6 @@ blocks receive the same tensor object) and drops it when the stream is gathered.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..parallel.sequence import SequenceParallel, SequenceState

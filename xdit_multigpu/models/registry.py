@@ -8,7 +8,6 @@ as unsupported instead of being driven by hooks written for its parent. This mod
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol

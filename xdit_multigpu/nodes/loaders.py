@@ -34,7 +34,6 @@ class XDiTUNetLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        import folder_paths
         import nodes
 
         stock = nodes.UNETLoader.INPUT_TYPES()["required"]

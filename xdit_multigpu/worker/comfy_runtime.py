@@ -104,7 +104,6 @@ def run_sampler(patcher: Any, req: SampleRequest, callback: Any = None, disable_
     Runs under ``torch.inference_mode()`` as ComfyUI's executor runs every node: without it, autograd
     would record every step (memory and time) in a worker process.
     """
-    import comfy.sample
     import torch
 
     with torch.inference_mode():
