@@ -290,7 +290,6 @@ def dispatcher_for(engine: Engine, spec: DispatcherSpec) -> GroupDispatcher:
     """The engine's dispatcher for this spec's groups and policy (kept, so the policy keeps learning)."""
     key = (spec.load, spec.devices, spec.group_size, spec.group_weights, spec.scheduling, spec.ray_address)
     with _registry_lock:
-        table: dict[Any, GroupDispatcher] = engine.__dict__.setdefault("dispatchers", {})
-        if key not in table:
-            table[key] = GroupDispatcher(engine, spec)
-        return table[key]
+        if key not in engine.dispatchers:
+            engine.dispatchers[key] = GroupDispatcher(engine, spec)
+        return engine.dispatchers[key]

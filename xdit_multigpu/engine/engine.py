@@ -76,6 +76,7 @@ class Engine:
         self._pools: dict[tuple[object, ...], WorkerPool] = {}
         self._lock = threading.Lock()  # guards _pools only (held briefly)
         self._pool_locks: dict[tuple[object, ...], threading.Lock] = {}
+        self.dispatchers: dict[tuple[object, ...], Any] = {}  # dispatch.GroupDispatcher per group setting
         self._jobs = threading.Condition()  # counts running ``sample`` calls, so release_all can wait for them
         self._active = 0
 
