@@ -23,6 +23,7 @@ import pytest
 pytestmark = pytest.mark.comfy
 
 SAMPLE_SIZE = {  # image side (px) per family for the 2-step sampling test
+    "pixart_alpha": 512,
     "flux": 128,
     "sd3": 128,
     "sd35": 128,
@@ -230,3 +231,22 @@ def test_clip_l_stable_diffusion_type(tiny, nodes_mod):
     assert type(clip.cond_stage_model).__name__ == "SD1ClipModel"
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a cat"), return_pooled=True)
     assert cond.shape == (1, 77, 768) and pooled.shape == (1, 768)
+
+
+def test_pixart_alpha_opt_in_is_detected_and_samples_with_micro_conditions(tiny, nodes_mod):
+    """PixArt-α (opt-in recipe): ComfyUI's detection finds it by its micro-condition embedders."""
+    import torch
+
+    from xdit_multigpu.models import lookup
+    from xdit_multigpu.testing import tiny_models as tm
+
+    root, _ = tiny
+    m = tm.write_tiny_models(root, ["pixart_alpha"])["pixart_alpha"]
+    (patcher,) = nodes_mod.UNETLoader().load_unet(m.filename, "default")
+    assert type(patcher.model.model_config).__name__ == "PixArtAlpha" == m.config_class
+    assert patcher.model.model_config.unet_config["micro_condition"] is True
+    assert lookup(m.config_class).name == "pixart"
+    pos = tm.conditioning_for(m, seed=1, width=512, height=512)
+    assert pos[0][1] == {"width": 512, "height": 512}
+    latent, out = _sample(patcher, tm, m)
+    assert out.shape == latent.shape and torch.isfinite(out).all() and out.abs().max() > 0

@@ -1,5 +1,5 @@
 """GPU tier, the families of the model-coverage issue vs the same sampler in a one-GPU worker, bf16:
-SD3.5 (MMDiT-X), SDXL (CFG parallel), PixArt-Σ and HunyuanDiT on 2 and 4 GPUs; Chroma, Qwen-Image,
+SD3.5 (MMDiT-X), SDXL (CFG parallel), PixArt-Σ, PixArt-α and HunyuanDiT on 2 and 4 GPUs; Chroma, Qwen-Image,
 Lumina 2, Z-Image, Wan 2.1 / 2.2 (5 latent frames) on 2 GPUs.
 
 One pool per (family, GPU count) and several requests on it (Hybrid and USP, cfg 1 and cfg > 1), so the
@@ -19,7 +19,7 @@ from tests.conftest import COMFYUI_PATH
 
 pytestmark = pytest.mark.gpu
 REL_L2 = 2e-2
-REQUIRED = ["sd35", "sdxl", "pixart_sigma", "hunyuan_dit"]  # 2 and 4 GPUs
+REQUIRED = ["sd35", "sdxl", "pixart_sigma", "pixart_alpha", "hunyuan_dit"]  # 2 and 4 GPUs
 LATER = ["chroma", "qwen_image"]  # 2 GPUs (time)
 VIDEO = ["lumina2", "zimage", "wan21", "wan22"]  # 2 GPUs; Wan: 5-D latents
 FAMILIES = REQUIRED + LATER + VIDEO

@@ -18,6 +18,7 @@ sd35             supported_models.SD3               detected, MMDiT-X (x-block s
 sdxl             supported_models.SDXL              explicit config (SDXL matching needs the
                                                     literal SDXL values, see ``_SDXL_CONFIG``)
 pixart_sigma     supported_models.PixArtSigma       detected (hidden 1152 fixed, depth 1)
+pixart_alpha     supported_models.PixArtAlpha       detected (micro-condition embedders; opt-in)
 hunyuan_dit      supported_models.HunyuanDiT        detected (depth 4, hidden 128)
 vae16 / vae4     comfy.sd.VAE (TAESD layout)        detected (``taesd_decoder.1.weight``)
 clip_l           comfy.sd.load_clip -> CLIP_L       detected; real 12-layer CLIP-L, fp16
@@ -164,6 +165,9 @@ _PIXART_SIGMA = {
     "micro_condition": False,
 }
 
+# PixArt-α: ComfyUI detects it by the micro-condition embedders (ar_embedder / csize_embedder); T5 120 tokens.
+_PIXART_ALPHA = dict(_PIXART_SIGMA, image_model="pixart_alpha", micro_condition=True, model_max_length=120)
+
 _HUNYUAN_DIT = {"image_model": "hydit", "depth": 4, "hidden_size": 128}
 
 
@@ -213,6 +217,11 @@ _RECIPES: dict[str, _Recipe] = {
             "pixart_sigma", DIFFUSION_MODELS, "unet", _PIXART_SIGMA, "PixArtSigma", True, "bfloat16",
             dict(context_dim=4096, context_tokens=120, pooled_dim=0, latent_channels=4, heads=16, min_latent=64,
                  extra_cond="none (optionally width/height)"),
+        ),
+        _Recipe(
+            "pixart_alpha", DIFFUSION_MODELS, "unet", _PIXART_ALPHA, "PixArtAlpha", True, "bfloat16",
+            dict(context_dim=4096, context_tokens=120, pooled_dim=0, latent_channels=4, heads=16, min_latent=64,
+                 extra_cond="width, height (micro-conditions)"), default=False,
         ),
         _Recipe(
             "hunyuan_dit", DIFFUSION_MODELS, "unet", _HUNYUAN_DIT, "HunyuanDiT", True, "bfloat16",
@@ -484,6 +493,8 @@ def conditioning_for(
         extras["guidance"] = guidance
     elif fam.startswith("chroma"):  # T5-only: CLIPTextEncode gives pooled_output None (model_base.Flux reads the key)
         extras["pooled_output"] = None
+    elif fam == "pixart_alpha":  # micro-conditions (c_size, c_ar) from the image size
+        extras.update(width=width, height=height)
     elif fam == "sdxl":
         extras.update(width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height)
     elif fam == "hunyuan_dit":
