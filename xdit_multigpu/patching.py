@@ -53,16 +53,6 @@ def installed(key: str) -> bool:
 
 
 @contextlib.contextmanager
-def temporarily(key: str, owner: Any, attr: str, value: Any) -> Iterator[None]:
-    """``owner.attr = value`` for the duration of a ``with`` block (e.g. one import), then restored."""
-    install(key, owner, attr, lambda _original: value)
-    try:
-        yield
-    finally:
-        remove(key)
-
-
-@contextlib.contextmanager
 def swapped(owner: Any, attr: str, value: Any) -> Iterator[Any]:
     """``owner.attr = value`` for the duration of a with-block, restored on exit (also on error); yields
     the original. For a short host call on the thread that runs the prompt (ComfyUI runs one node at a

@@ -43,9 +43,10 @@ from .ulysses import FusedUlysses
 log = logging.getLogger(__name__)
 
 
-class _FirstStepJoint:
-    """yunchang ``attn_processor`` for one call: prepends the replicated text K/V on the first ring
-    step only (every ring step sees a different image K/V block; text must enter the softmax once)."""
+class FirstStepJoint:
+    """yunchang / xfuser ``attn_processor`` around one of our LSE kernels; with text K/V, prepends them
+    on the first ring step only (every ring step sees a different image K/V block; text must enter the
+    softmax once)."""
 
     def __init__(self, kernel: Kernel, text_k: torch.Tensor | None, text_v: torch.Tensor | None) -> None:
         self.kernel, self.text_k, self.text_v = kernel, text_k, text_v
@@ -62,20 +63,19 @@ class _FirstStepJoint:
         return self.kernel(q, k, v, scale)
 
 
-def _long_context_attention(ulysses_pg: Any, ring_pg: Any) -> torch.nn.Module:
-    """A yunchang ``LongContextAttention`` bound to *our* groups.
+def bind_long_context_attention(cls: type, ulysses_pg: Any, ring_pg: Any, **kwargs: Any) -> torch.nn.Module:
+    """``cls(**kwargs)`` -- yunchang's ``LongContextAttention`` or xfuser's subclass -- bound to *our* groups.
 
     Its constructor reads yunchang's ``PROCESS_GROUP`` singleton; we swap our groups in only for the
     constructor and restore the previous values, then set the attributes explicitly, so a later plan
     (or another pack using yunchang) is unaffected.
     """
     from yunchang.globals import PROCESS_GROUP  # noqa: PLC0415  (heavy import, only with SP)
-    from yunchang.hybrid.attn_layer import LongContextAttention  # noqa: PLC0415
 
     saved = (PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG)
     PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = ulysses_pg, ring_pg
     try:
-        attn = LongContextAttention(attn_type=None, attn_processor=None)  # type: ignore[arg-type]
+        attn = cls(**kwargs)
     finally:
         PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = saved
     attn.ulysses_pg, attn.ring_pg = ulysses_pg, ring_pg
@@ -89,26 +89,31 @@ class SequenceAttention:
                  backend: AttentionBackend = AttentionBackend.YUNCHANG) -> None:
         tuning = tuning or Tuning()
         self.groups = groups
+        self._verified: set[tuple[str, torch.dtype, int]] = set()
         plan = groups.plan
         self.ulysses = plan.ulysses
         uly_pg, ring_pg = groups.ulysses or groups.solo, groups.ring or groups.solo
         self._xfuser = None
+        self._usp = None
         if backend is AttentionBackend.XFUSER:
             from .xfuser_attention import XFuserUSP  # noqa: PLC0415  (optional dependency)
 
             try:
-                self._xfuser = XFuserUSP(uly_pg, ring_pg, plan.ring, select_kernel)
+                self._xfuser = XFuserUSP(uly_pg, ring_pg, plan.ring, self.kernel_for)
             except ImportError as e:
                 raise ConfigError(
                     "XDIT_ATTENTION_BACKEND", f"is xfuser, but xfuser's attention cannot be loaded here ({e})",
                     "pip install xfuser (with its GPU dependencies), or unset XDIT_ATTENTION_BACKEND",
                 ) from e
-        self._usp = _long_context_attention(uly_pg, ring_pg)
+        else:
+            from yunchang.hybrid.attn_layer import LongContextAttention  # noqa: PLC0415  (heavy, only with SP)
+
+            self._usp = bind_long_context_attention(LongContextAttention, uly_pg, ring_pg, attn_type=None,
+                                                    attn_processor=None)
         # ring == 1 on the default backend: one fused all-to-all for q/k/v and the host's own kernel.
         self.fused = None
         if tuning.fused_ulysses and plan.ring == 1 and plan.ulysses > 1 and self._xfuser is None:
             self.fused = FusedUlysses(groups.ulysses, plan.ulysses)
-        self._verified: set[tuple[str, torch.dtype, int]] = set()
         self._warned_fallback = False
 
     def kernel_for(self, q: torch.Tensor) -> Kernel:
@@ -131,7 +136,7 @@ class SequenceAttention:
         # Text queries go *after* the image queries: Ulysses splits the sequence dim evenly per rank
         # and the order of query rows does not matter; the output is reordered back below.
         query = torch.cat((q[:, text:], q[:, :text]), dim=1).contiguous()
-        proc = _FirstStepJoint(self.kernel_for(q), text_k, text_v)
+        proc = FirstStepJoint(self.kernel_for(q), text_k, text_v)
         self._usp.attn_processor = proc
         try:
             out = self._usp(query, k[:, text:].contiguous(), v[:, text:].contiguous())

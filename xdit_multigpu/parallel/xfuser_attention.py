@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..patching import temporarily
+from ..patching import swapped
+from .attention import FirstStepJoint, bind_long_context_attention
 from .kernels import Kernel, verify_lse
 
 BACKEND_ENV = "XDIT_ATTENTION_BACKEND"
@@ -85,7 +85,7 @@ def load() -> tuple[type, Any]:
     if torch.cuda.is_available():
         mod = _import_attention(root)
     else:
-        with temporarily("xdit.xfuser.import_as_cuda", torch.cuda, "is_available", lambda: True):
+        with swapped(torch.cuda, "is_available", lambda: True):
             mod = _import_attention(root)
     return mod.xFuserLongContextAttention, mod.AttnType
 
@@ -135,48 +135,43 @@ def _as_kernel(fn: Callable[..., Any]) -> Kernel:
 
 
 class XFuserUSP:
-    """``xFuserLongContextAttention`` bound to our Ulysses / ring groups (one per parallelised patcher)."""
+    """``xFuserLongContextAttention`` bound to our Ulysses / ring groups (one per parallelised patcher).
+
+    ``kernel_for(q)``: our LSE kernel for a device xfuser has none for (CPU ranks), already verified by
+    the caller (``SequenceAttention.kernel_for``); xfuser's own GPU kernels are verified here.
+    """
 
     calls = 0  # attention calls through xfuser in this process (tests check the backend really ran)
 
-    def __init__(self, ulysses_pg: Any, ring_pg: Any, ring: int, cpu_kernel: Callable[[torch.device, torch.dtype, int], Kernel]) -> None:
-        from yunchang.globals import PROCESS_GROUP  # noqa: PLC0415
-
+    def __init__(self, ulysses_pg: Any, ring_pg: Any, ring: int, kernel_for: Callable[[torch.Tensor], Kernel]) -> None:
         cls, self._attn_type = load()
-        saved = (PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG)
-        PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = ulysses_pg, ring_pg
-        try:
-            self._attn = cls(attn_type=self._attn_type.TORCH_FLASH)
-        finally:
-            PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = saved
-        self._attn.ulysses_pg, self._attn.ring_pg = ulysses_pg, ring_pg
+        self._attn = bind_long_context_attention(cls, ulysses_pg, ring_pg, attn_type=self._attn_type.TORCH_FLASH)
         self._ring = ring
-        self._cpu_kernel = cpu_kernel
-        self._verified: set[tuple[str, torch.dtype, int]] = set()
+        self._kernel_for = kernel_for
+        self._configured: tuple[str, torch.dtype, int] | None = None
 
     def _configure(self, q: torch.Tensor) -> None:
-        """Pick the kernel for this call's device/dtype (verified to return a true LSE when ring > 1)."""
+        """Pick the kernel for this device / dtype / head size, once (the model keeps them for the run)."""
+        key = (str(q.device), q.dtype, q.shape[-1])
+        if key == self._configured:
+            return
         from yunchang.kernels import select_flash_attn_impl  # noqa: PLC0415
 
         attn_type = _attn_type_for(self._attn_type, q.device, q.dtype)
         if attn_type is None:
-            kernel = self._cpu_kernel(q.device, q.dtype, q.shape[-1])
             # xfuser's ring step calls ``attn_processor(q, k, v, dropout_p=..., softmax_scale=..., ...)``
             # when the attention type is none of its own.
-            self._attn.attn_type, self._attn.attn_processor = None, _processor(kernel)
-            probe = kernel
+            self._attn.attn_type, self._attn.attn_processor = None, FirstStepJoint(self._kernel_for(q), None, None)
         else:
             self._attn.attn_type, self._attn.attn_processor = attn_type, None
-            probe = _as_kernel(select_flash_attn_impl(attn_type, stage="fwd-only"))
-        key = (str(q.device), q.dtype, q.shape[-1])
-        if self._ring > 1 and key not in self._verified:
-            verify_lse(probe, q.device, q.dtype, q.shape[-1])
-            self._verified.add(key)
+            if self._ring > 1:
+                verify_lse(_as_kernel(select_flash_attn_impl(attn_type, stage="fwd-only")), q.device, q.dtype,
+                           q.shape[-1])
+        self._configured = key
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int) -> torch.Tensor:
-        """q/k/v ``(B, T + L_local, H, D)`` ([text | image]) -> same layout, exact over the full image."""
-        if q.shape[2] % max(1, torch.distributed.get_world_size(self._attn.ulysses_pg)):
-            raise ConfigError("ulysses_degree", f"{q.shape[2]} heads do not divide over Ulysses", "Use ring")
+        """q/k/v ``(B, T + L_local, H, D)`` ([text | image]) -> same layout, exact over the full image.
+        The caller routes head counts Ulysses cannot split to the exact all-gather path."""
         self._configure(q)
         XFuserUSP.calls += 1
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -188,13 +183,3 @@ class XFuserUSP:
             joint_tensor_query=q[:, :text].contiguous(), joint_tensor_key=k[:, :text].contiguous(),
             joint_tensor_value=v[:, :text].contiguous(), joint_strategy="front",
         )
-
-
-def _processor(kernel: Kernel) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    def proc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-             softmax_scale: float | None = None, causal: bool = False, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if causal or dropout_p:
-            raise ValueError("sequence parallel attention supports neither causal masks nor dropout")
-        return kernel(q, k, v, softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
-
-    return proc
