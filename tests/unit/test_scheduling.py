@@ -109,3 +109,16 @@ def test_make_policy_maps_every_strategy():
     }
     with pytest.raises(ValueError):
         RoundRobin(0)
+
+
+def test_which_policies_cut_a_batch_up_front():
+    from xdit_multigpu.engine.scheduling import Adaptive, LeastLoaded, RoundRobin, WeightedRoundRobin
+
+    assert RoundRobin(2).cuts_up_front() and WeightedRoundRobin(2, [2.0, 1.0]).cuts_up_front()
+    assert not LeastLoaded(2).cuts_up_front()
+    a = Adaptive(2)
+    assert not a.cuts_up_front()
+    a.finished(0, 1, 1.0)
+    assert not a.cuts_up_front()  # group 1 not measured yet
+    a.finished(1, 1, 2.0)
+    assert a.cuts_up_front()

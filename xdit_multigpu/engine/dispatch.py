@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import DispatcherSpec, SchedulingStrategy
+from ..config import DispatcherSpec
 from .scheduling import Policy, make_policy
 
 if TYPE_CHECKING:
@@ -144,14 +144,9 @@ class GroupDispatcher:
     def _cut(self, batch: int) -> list[_Unit]:
         """The work units of a batch: one slice per group (up-front cut) or one item each (dynamic)."""
         with self._lock:
-            available = [g.up for g in self.groups]
-            scheduling = self.spec.scheduling
-            measured = all(r is not None for r in getattr(getattr(self.policy, "speed", None), "rate", [None]))
-            dynamic = scheduling is SchedulingStrategy.LEAST_LOADED or (
-                scheduling is SchedulingStrategy.ADAPTIVE and not measured)
-            if dynamic:
+            if not self.policy.cuts_up_front():
                 return [_Unit(i, i + 1, None) for i in range(batch)]
-            shares = self.policy.split(batch, available)
+            shares = self.policy.split(batch, [g.up for g in self.groups])
         units, start = [], 0
         for index, n in enumerate(shares):
             if n:

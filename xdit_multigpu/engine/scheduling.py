@@ -57,6 +57,11 @@ class Policy(abc.ABC):
         """Relative share of a batch per group; default: equal."""
         return [1.0] * self.n_groups
 
+    def cuts_up_front(self) -> bool:
+        """True: a batch is cut into one slice per group (``split``); False: it is handed out one item at
+        a time to whichever group is free."""
+        return True
+
     def split(self, batch: int, available: Sequence[bool] | None = None) -> list[int]:
         """Items of a batch per group (sums to ``batch``; 0 for groups that are not ``available``)."""
         ok = self._available(available)
@@ -93,6 +98,9 @@ class RoundRobin(Policy):
 
 
 class LeastLoaded(Policy):
+    def cuts_up_front(self) -> bool:
+        return False  # in-flight work decides, item by item
+
     def pick(self, available: Sequence[bool] | None = None) -> int:
         ok = self._available(available)
         return min((i for i in range(self.n_groups) if ok[i]), key=lambda i: (self.in_flight[i], i))
@@ -113,6 +121,10 @@ class _Throughput:
         r = items / seconds
         old = self.rate[group]
         self.rate[group] = r if old is None else (1 - self.alpha) * old + self.alpha * r
+
+    def measured(self) -> bool:
+        """Every group has finished something."""
+        return all(r is not None for r in self.rate)
 
     def known(self) -> list[float]:
         """Rates with unmeasured groups at the mean of the measured ones (1.0 when none is measured)."""
@@ -163,6 +175,9 @@ class Adaptive(Policy):
 
     def weights(self) -> list[float]:
         return self.speed.known()
+
+    def cuts_up_front(self) -> bool:
+        return self.speed.measured()  # item by item while learning
 
     def finished(self, group: int, items: int, seconds: float) -> None:
         super().finished(group, items, seconds)
