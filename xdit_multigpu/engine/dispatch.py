@@ -191,8 +191,7 @@ class GroupDispatcher:
 
     def _rebuild(self, group: _Group) -> None:
         try:
-            with self.engine._pool_lock(group.spec.pool_key()):  # noqa: SLF001  (same lock the sampling path takes)
-                self.engine.pool(group.spec)
+            self.engine.start_pool(group.spec)
         except Exception as e:  # noqa: BLE001  (stays out; the next request tries again)
             log.warning("xDiT: rebuilding %s failed: %s", group.describe(), e)
             return

@@ -235,6 +235,11 @@ class Engine:
         with self._lock:
             return self._pool_locks.setdefault(key, threading.Lock())
 
+    def start_pool(self, spec: DispatcherSpec) -> WorkerPool:
+        """``pool(spec)`` under the pool's lock, for starting or rebuilding a pool beside running jobs."""
+        with self._pool_lock(spec.pool_key()):
+            return self.pool(spec)
+
     def sample_ksampler(
         self,
         spec: DispatcherSpec,
