@@ -8,7 +8,6 @@ process, after the parallel runs* (so leaked global state would show up as a mis
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -175,16 +174,11 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     from xdit_multigpu.parallel.xfuser_attention import XFuserUSP
     from xdit_multigpu.models import lookup_config
     from xdit_multigpu.parallel.apply import parallelize
-    from _harness import groups_for
+    from _harness import attention_notes, groups_for
     from xdit_multigpu.parallel.hooks import OVERRIDE_KEY
 
     name, cases = payload
-    notes: list[str] = []  # the attention's one-per-patcher "all-gather path" log line tells which path ran
-    handler = logging.Handler()
-    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
-    attn_log = logging.getLogger("xdit_multigpu.parallel.attention")
-    attn_log.addHandler(handler)
-    attn_log.setLevel(logging.INFO)
+    notes = attention_notes()  # which attention path ran (see _harness)
     base = build_model(name)
     spec = lookup_config(base.model.model_config)
     assert spec is not None

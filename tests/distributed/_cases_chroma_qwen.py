@@ -26,7 +26,6 @@ Each case also records whether some forward sharded the text (``SequenceParallel
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import replace
@@ -174,7 +173,7 @@ def _spy_shard_text() -> list[bool]:
 def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[str, Any]:
     """Rank entry: parallel runs for every case, then (rank 0) the one-device references."""
     import torch.distributed as dist
-    from _harness import groups_for
+    from _harness import attention_notes, groups_for
 
     from xdit_multigpu.config import ParallelPlan
     from xdit_multigpu.models import lookup_config
@@ -182,12 +181,7 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[Case]]) -> dict[st
     from xdit_multigpu.parallel.hooks import OVERRIDE_KEY
 
     name, cases = payload
-    notes: list[str] = []  # the attention's one-per-patcher "all-gather path" log line tells which path ran
-    handler = logging.Handler()
-    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
-    attn_log = logging.getLogger("xdit_multigpu.parallel.attention")
-    attn_log.addHandler(handler)
-    attn_log.setLevel(logging.INFO)
+    notes = attention_notes()  # which attention path ran (see _harness)
     base = build_model(name)
     spec = lookup_config(base.model.model_config)
     assert spec is not None

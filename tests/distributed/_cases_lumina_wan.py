@@ -11,7 +11,6 @@ Wan latents are 5-D ``(1, C, frames, size, size)``; Wan 2.2 (TI2V-5B layout) has
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -147,7 +146,7 @@ def _count_sequence_calls() -> list[int]:
 def run_cases(rank: int, world: int, payload: tuple[str, list[VCase]]) -> dict[str, Any]:
     """Rank entry: parallel runs for every case, then (rank 0) the one-device references."""
     import torch.distributed as dist
-    from _harness import groups_for
+    from _harness import attention_notes, groups_for
 
     from xdit_multigpu.config import ParallelPlan
     from xdit_multigpu.models import lookup_config
@@ -156,12 +155,7 @@ def run_cases(rank: int, world: int, payload: tuple[str, list[VCase]]) -> dict[s
 
     name, cases = payload
     seq_calls = _count_sequence_calls()
-    notes: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
-    attn_log = logging.getLogger("xdit_multigpu.parallel.attention")
-    attn_log.addHandler(handler)
-    attn_log.setLevel(logging.INFO)
+    notes = attention_notes()  # which attention path ran (see _harness)
     base = build_model(name)
     spec = lookup_config(base.model.model_config)
     assert spec is not None

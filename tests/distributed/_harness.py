@@ -102,3 +102,17 @@ def groups_for(plan: Any, current: Any, rank: int, world: int) -> Any:
     if current is not None:
         current.destroy()
     return ParallelGroups.build(plan, rank, world, timeout_s=GLOO_TIMEOUT_S)
+
+
+def attention_notes() -> list[str]:
+    """The messages the sequence-parallel attention logs on this rank from now on (its one-per-patcher
+    "all-gather path" line tells a test which attention path ran); the caller clears the list."""
+    import logging
+
+    notes: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notes.append(record.getMessage())  # type: ignore[method-assign]
+    attn_log = logging.getLogger("xdit_multigpu.parallel.attention")
+    attn_log.addHandler(handler)
+    attn_log.setLevel(logging.INFO)
+    return notes
