@@ -56,39 +56,45 @@ def _one_gpu_worker(load, family, req):
 @pytest.mark.parametrize("strategy", ["Hybrid", "USP"])
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_engine_matches_one_gpu(setup, family, strategy, cfg):
-    import comfy.sample
-    import torch
-
-    from xdit_multigpu.config import DeviceSet, DispatcherSpec, ParallelStrategy
-    from xdit_multigpu.engine.engine import get_engine
-    from xdit_multigpu.engine.request import SampleRequest
-    from xdit_multigpu.models import lookup
-    from xdit_multigpu.testing.tiny_models import conditioning_for, empty_latent
+    from xdit_multigpu.testing.tiny_models import empty_latent
 
     tiny = setup[family]
     latent = empty_latent(tiny, 512, 512)["samples"]
     if family == "qwen_image":  # Wan21 latent format: (B, 16, 1, H, W), as fix_empty_latent_channels makes it
         latent = latent.unsqueeze(2)
+    _engine_matches_one_gpu(tiny, family, latent, strategy, cfg)
+
+
+def _engine_matches_one_gpu(tiny, family, latent, strategy, cfg):
+    """The engine on 2 and 4 GPUs vs ComfyUI's sampler in a one-GPU worker: same shape, rel L2 <= REL_L2."""
+    import comfy.sample
+    import torch
+
+    from xdit_multigpu.config import DeviceSet, DispatcherSpec, LoaderKind, LoadSpec, ParallelStrategy
+    from xdit_multigpu.engine.engine import get_engine
+    from xdit_multigpu.engine.request import SampleRequest
+    from xdit_multigpu.models import lookup
+    from xdit_multigpu.testing.tiny_models import conditioning_for
+
     req = SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
                         positive=conditioning_for(tiny, seed=1), negative=conditioning_for(tiny, seed=2), seed=5,
                         steps=4, cfg=cfg, sampler_name="euler", scheduler="simple")
-    from xdit_multigpu.config import LoaderKind, LoadSpec
-
     load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, tiny.path, unet_config_json=tiny.unet_config_json)
-    ref = _one_gpu_worker(load, family, req)
+    spec_name = lookup(tiny.config_class).name
+    ref = _one_gpu_worker(load, spec_name, req)
     engine = get_engine()
     for n in (2, 4):
         if torch.cuda.device_count() < n:
             continue
         spec = DispatcherSpec(load, DeviceSet.parse(",".join(map(str, range(n))), n), ParallelStrategy(strategy),
-                              family=family)
+                              family=spec_name)
         out = engine.sample(spec, req, lookup(tiny.config_class), tiny.heads, cfg != 1.0, None)
         assert out.fallback_reason is None
         got = out.latent.float()
         rel = float((got - ref).norm() / ref.norm())
         print(f"{family} cfg {cfg} {strategy} {n} GPUs {out.plan.describe()}: rel_l2 {rel:.2e}, "
               f"max_abs {float((got - ref).abs().max()):.3e}")
-        assert rel <= REL_L2, (n, out.plan.describe(), rel)
+        assert got.shape == latent.shape and rel <= REL_L2, (n, out.plan.describe(), rel)
     engine.release_all()
 
 
@@ -184,36 +190,8 @@ def video_setup(tmp_path_factory):
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_video_families_match_one_gpu(video_setup, family, strategy, cfg):
     """Same check as ``test_engine_matches_one_gpu`` for the NextDiT and Wan hooks (Wan: 5-D latent)."""
-    import comfy.sample
-    import torch
-
-    from xdit_multigpu.config import DeviceSet, DispatcherSpec, LoaderKind, LoadSpec, ParallelStrategy
-    from xdit_multigpu.engine.engine import get_engine
-    from xdit_multigpu.engine.request import SampleRequest
-    from xdit_multigpu.models import lookup
-    from xdit_multigpu.testing.tiny_models import conditioning_for
     from xdit_multigpu.testing.tiny_models_video import empty_video_latent
 
     tiny = video_setup[family]
     side = 32 if family.startswith("wan") else 64
-    latent = empty_video_latent(tiny, side, frames=5)["samples"]
-    req = SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
-                        positive=conditioning_for(tiny, seed=1), negative=conditioning_for(tiny, seed=2), seed=5,
-                        steps=4, cfg=cfg, sampler_name="euler", scheduler="simple")
-    load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, tiny.path, unet_config_json=tiny.unet_config_json)
-    spec_name = lookup(tiny.config_class).name
-    ref = _one_gpu_worker(load, spec_name, req)
-    engine = get_engine()
-    for n in (2, 4):
-        if torch.cuda.device_count() < n:
-            continue
-        spec = DispatcherSpec(load, DeviceSet.parse(",".join(map(str, range(n))), n), ParallelStrategy(strategy),
-                              family=spec_name)
-        out = engine.sample(spec, req, lookup(tiny.config_class), tiny.heads, cfg != 1.0, None)
-        assert out.fallback_reason is None
-        got = out.latent.float()
-        rel = float((got - ref).norm() / ref.norm())
-        print(f"{family} cfg {cfg} {strategy} {n} GPUs {out.plan.describe()}: rel_l2 {rel:.2e}, "
-              f"max_abs {float((got - ref).abs().max()):.3e}")
-        assert got.shape == latent.shape and rel <= REL_L2, (n, out.plan.describe(), rel)
-    engine.release_all()
+    _engine_matches_one_gpu(tiny, family, empty_video_latent(tiny, side, frames=5)["samples"], strategy, cfg)
