@@ -116,3 +116,16 @@ def attention_notes() -> list[str]:
     attn_log.addHandler(handler)
     attn_log.setLevel(logging.INFO)
     return notes
+
+
+def load_tiny(tiny: dict[str, Any]) -> dict[str, tuple[Any, Any, Any]]:
+    """``{family: (TinyModel, LoadSpec, patcher)}``: each generated file loaded in this process with
+    ComfyUI's own loader (the one-device reference of the Ray tests)."""
+    from xdit_multigpu.config import LoaderKind, LoadSpec
+    from xdit_multigpu.worker import comfy_runtime
+
+    out = {}
+    for fam, t in tiny.items():
+        load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, t.path, unet_config_json=t.unet_config_json)
+        out[fam] = (t, load, comfy_runtime.load_diffusion_model(load))
+    return out

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from xdit_multigpu.config import DeviceKind, DeviceSet, DispatcherSpec, LoaderKind, LoadSpec, ParallelPlan
+from xdit_multigpu.config import DeviceKind, DeviceSet, DispatcherSpec, ParallelPlan
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _harness import load_tiny  # noqa: E402
 from test_ray_matrix import engine  # noqa: E402, F401  (fixture reused)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
@@ -32,14 +33,8 @@ PLANS = (ParallelPlan(ulysses=2), ParallelPlan(ring=2))
 def models(comfy_root, tmp_path_factory):
     os.environ.setdefault("COMFYUI_PATH", comfy_root)
     from xdit_multigpu.testing.tiny_models import write_tiny_models
-    from xdit_multigpu.worker import comfy_runtime
 
-    tiny = write_tiny_models(str(tmp_path_factory.mktemp("models")), list(FAMILIES))
-    out = {}
-    for fam, t in tiny.items():
-        load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, t.path, unet_config_json=t.unet_config_json)
-        out[fam] = (t, load, comfy_runtime.load_diffusion_model(load))
-    return out
+    return load_tiny(write_tiny_models(str(tmp_path_factory.mktemp("models")), list(FAMILIES)))
 
 
 def _request(tiny, patcher, sampler: str):
