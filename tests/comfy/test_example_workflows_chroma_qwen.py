@@ -29,15 +29,12 @@ def _object_info() -> dict:
     from comfy_extras import nodes_model_advanced, nodes_sd3
 
     from xdit_multigpu.nodes import NODE_CLASS_MAPPINGS
+    from xdit_multigpu.testing.workflow import object_info_of
 
     # EmptySD3LatentImage is a V3 node (registered through nodes_sd3's extension; INPUT_TYPES still works)
     classes = {**nodes.NODE_CLASS_MAPPINGS, **nodes_model_advanced.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS,
                "EmptySD3LatentImage": nodes_sd3.EmptySD3LatentImage}
-    info = {}
-    for name, cls in classes.items():
-        types = cls.INPUT_TYPES()
-        info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()}}
-    return info
+    return object_info_of(classes)
 
 
 @pytest.mark.parametrize("name", list(WORKFLOWS))

@@ -35,17 +35,14 @@ def _object_info() -> dict:
     from comfy_extras import nodes_hunyuan, nodes_images, nodes_model_advanced, nodes_sd3, nodes_wan
 
     from xdit_multigpu.nodes import NODE_CLASS_MAPPINGS
+    from xdit_multigpu.testing.workflow import object_info_of
 
     classes = {**nodes.NODE_CLASS_MAPPINGS, **nodes_model_advanced.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS,
                "EmptySD3LatentImage": nodes_sd3.EmptySD3LatentImage,
                "EmptyHunyuanLatentVideo": nodes_hunyuan.EmptyHunyuanLatentVideo,
                "Wan22ImageToVideoLatent": nodes_wan.Wan22ImageToVideoLatent,
                "SaveAnimatedWEBP": nodes_images.SaveAnimatedWEBP}
-    info = {}
-    for name, cls in classes.items():
-        types = cls.INPUT_TYPES()
-        info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()}}
-    return info
+    return object_info_of(classes)
 
 
 @pytest.mark.parametrize("name", list(WORKFLOWS))

@@ -86,3 +86,13 @@ def stock_equivalent(prompt: dict[str, Any]) -> dict[str, Any]:
         cls, drop = _STOCK.get(node["class_type"], (node["class_type"], ()))
         out[nid] = {"class_type": cls, "inputs": {k: v for k, v in node["inputs"].items() if k not in drop}}
     return out
+
+
+def object_info_of(classes: dict[str, Any]) -> dict[str, Any]:
+    """The part of ComfyUI's ``/object_info`` that ``ui_to_api`` reads, built from node classes in-process
+    (tests that check a workflow without starting a server)."""
+    info = {}
+    for name, cls in classes.items():
+        types = cls.INPUT_TYPES()
+        info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()}}
+    return info
