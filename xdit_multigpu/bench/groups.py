@@ -24,24 +24,13 @@ GPU_LAYOUTS = {4: ("0,1,2,3", "0,1|2,3", "0|1|2|3"), 2: ("0,1", "0|1")}
 CPU_LAYOUTS = ("cpu:2", "cpu:1|cpu:1")
 
 
-def _request(arch: Any, size: int, batch: int, steps: int) -> Any:
-    import comfy.sample
-    import torch
-
-    from ..engine.request import SampleRequest
-
-    latent = torch.zeros(batch, arch.latent_channels, size // 8, size // 8)
-    pos, neg = arch.conditioning(size, size)
-    return SampleRequest(noise=comfy.sample.prepare_noise(latent, 1), latent_image=latent, positive=pos, negative=neg,
-                         seed=1, steps=steps, cfg=arch.cfg, sampler_name=arch.sampler[0], scheduler=arch.sampler[1])
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from ..config import DeviceSet, DispatcherSpec, LoaderKind, LoadSpec, SchedulingStrategy
     from ..engine.engine import get_engine
     from ..models import lookup
+    from .protocol import compare, make_request
     from .realsize import ARCHS, write_model
 
     arch = ARCHS["tiny-sd3" if args.cpu else args.model]
@@ -51,7 +40,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"needs 2 or 4 GPUs, found {gpus}")
     written = write_model(arch, args.models, device="cpu" if args.cpu else "cuda")
     load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, written["path"], unet_config_json=written["unet_config_json"])
-    req = _request(arch, args.size, args.batch, args.steps)
+    req = make_request(arch, args.size, args.steps, batch=args.batch)
     model_spec = lookup(arch.config_class)
     engine = get_engine()
     rows, reference = [], None
@@ -68,9 +57,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
             if out.fallback_reason is not None:
                 raise RuntimeError(f"{text}: fell back to one device: {out.fallback_reason}")
-        latent = out.latent.float()
-        reference = latent if reference is None else reference
-        rel = float((latent - reference).norm() / reference.norm())
+        reference = out.latent if reference is None else reference
+        rel = compare(out.latent, reference)["rel_l2"]
         med = statistics.median(times)
         rows.append({"layout": text, "groups": len(spec.device_groups()), "plan": first.plan.describe(),
                      "split": out.groups, "first_batch_s": round(warm_s, 2), "batch_s": [round(t, 3) for t in times],

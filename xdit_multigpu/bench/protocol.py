@@ -17,12 +17,13 @@ from .realsize import Arch
 SEED = 1
 
 
-def make_request(arch: Arch, size: int, steps: int) -> SampleRequest:
-    """One ``comfy.sample.sample`` call for ``arch`` at ``size`` x ``size`` pixels (batch 1)."""
+def make_request(arch: Arch, size: int, steps: int, batch: int = 1) -> SampleRequest:
+    """One ``comfy.sample.sample`` call for ``arch`` at ``size`` x ``size`` pixels (one conditioning for the
+    whole batch)."""
     import comfy.sample
     import torch
 
-    latent = torch.zeros(1, arch.latent_channels, size // 8, size // 8)
+    latent = torch.zeros(batch, arch.latent_channels, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, SEED)
     pos, neg = arch.conditioning(size, size)
     sampler, scheduler = arch.sampler
