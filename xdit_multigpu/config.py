@@ -10,11 +10,13 @@ import os
 import re
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ._compat import StrEnum
 from .errors import ConfigError, NotYetAvailableError
 
 MAX_CPU_RANKS = 64
+E = TypeVar("E", bound=StrEnum)
 
 
 class ParallelStrategy(StrEnum):
@@ -57,15 +59,7 @@ class AttentionBackend(StrEnum):
     @classmethod
     def from_env(cls) -> AttentionBackend:
         """The backend named by ``XDIT_ATTENTION_BACKEND`` (unset or empty: yunchang)."""
-        raw = os.environ.get("XDIT_ATTENTION_BACKEND", "").strip().lower()
-        if not raw:
-            return cls.YUNCHANG
-        try:
-            return cls(raw)
-        except ValueError:
-            raise ConfigError(
-                "XDIT_ATTENTION_BACKEND", f'is "{raw}"', f"Set it to one of {[b.value for b in cls]}, or unset it"
-            ) from None
+        return _env_choice("XDIT_ATTENTION_BACKEND", cls, cls.YUNCHANG)
 
 
 class DeviceKind(StrEnum):
@@ -281,11 +275,19 @@ def parse_vae_parallel(text: str, visible_gpus: int | None) -> VAEParallelConfig
 
 
 def _env_blend() -> VAEBlend:
-    raw = os.environ.get(VAE_BLEND_ENV, "").strip().lower() or VAEBlend.HOST.value
+    return _env_choice(VAE_BLEND_ENV, VAEBlend, VAEBlend.HOST)
+
+
+def _env_choice(name: str, choices: type[E], default: E) -> E:
+    """The member of a lower-case ``StrEnum`` named by environment variable ``name`` (unset / empty:
+    ``default``); anything else is a ConfigError naming the variable and the choices."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
     try:
-        return VAEBlend(raw)
+        return choices(raw)
     except ValueError:
-        raise ConfigError(VAE_BLEND_ENV, f'"{raw}" is not a blend place', 'Set it to "host" or "device"') from None
+        raise ConfigError(name, f'is "{raw}"', f"Set it to one of {[c.value for c in choices]}, or unset it") from None
 
 
 class LoaderKind(StrEnum):
