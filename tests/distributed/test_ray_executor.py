@@ -43,6 +43,22 @@ class FakeWorker:
     def ping(self):
         return "pong"
 
+    def inspect_request(self, request):
+        """What arrived: per tensor (sha256 of its bytes, exact type, torch-owned memory), plus the request."""
+        import dataclasses
+        import hashlib
+
+        import torch
+
+        tensors = [request.noise, request.latent_image, request.positive[0][0], request.negative[0][0],
+                   request.positive[0][1]["pooled_output"], *request.delta.weights.tensors]
+        # Resizable storage = torch-owned memory, not a view of the object store (asked before .numpy(),
+        # which marks a storage non-resizable).
+        owned = [t.untyped_storage().resizable() for t in tensors]
+        seen = [(hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest(), type(t) is torch.Tensor, o)
+                for t, o in zip(tensors, owned)]
+        return seen, dataclasses.replace(request, seed=request.seed + 1)
+
 
 def cpu(n):
     return DeviceSet(DeviceKind.CPU, tuple(range(n)), f"cpu:{n}")
@@ -57,6 +73,54 @@ def make(cluster, n, worker_cls=FakeWorker, timeout=60.0):
 def _ray_pids() -> set[int]:
     me = psutil.Process()
     return {me.pid} | {p.pid for p in me.children(recursive=True)}
+
+
+def _flux_request():
+    """A ~20 MB Flux-shaped request: fp32 + bf16 contexts, latents, a bf16 LoRA weight in the delta."""
+    import torch
+
+    from xdit_multigpu.engine.model_delta import ModelDelta
+    from xdit_multigpu.engine.request import SampleRequest
+    from xdit_multigpu.engine.travel import pack as travel_pack
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 16, 128, 128, generator=g)
+    pos = [[torch.randn(1, 512, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    neg = [[torch.randn(1, 512, 4096, generator=g).bfloat16(), {"pooled_output": torch.zeros(1, 768)}]]
+    lora = torch.randn(3072, 1024, generator=g).bfloat16()
+    delta = ModelDelta("w", "o", travel_pack({}), travel_pack({"w": [(1.0, ("lora", (lora,)), 1.0, None, None)]}))
+    return SampleRequest(noise, noise * 0.5, pos, neg, 7, 20, 3.5, "euler", "simple", delta=delta)
+
+
+@pytest.mark.parametrize("ranks", [1, 2], ids=["inline", "ray_put"])
+def test_request_and_result_travel_bit_exact_as_plain_tensors(cluster, ranks, monkeypatch):
+    """Both argument paths (world 1 inline, world > 1 ``ray.put``) and the packed result of ``execute``."""
+    import hashlib
+
+    import torch
+
+    from xdit_multigpu.executor import ray_executor, transport
+
+    sent = []  # what collective_rpc hands to Ray: the request must go out packed
+    monkeypatch.setattr(ray_executor, "pack", lambda obj: sent.append(transport.pack(obj)) or sent[-1])
+    req = _flux_request()
+    want = [req.noise, req.latent_image, req.positive[0][0], req.negative[0][0], req.positive[0][1]["pooled_output"],
+            *req.delta.weights.tensors]
+    digests = [hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest() for t in want]
+    ex = make(cluster, ranks)
+    try:
+        out = ex.collective_rpc("inspect_request", (req,), timeout=60)
+    finally:
+        ex.shutdown()
+    assert any(isinstance(getattr(a, "noise", None), transport._Wire) for args in sent for a in args), sent
+    for seen, back in out:
+        assert seen == [(d, True, True) for d in digests]
+        assert type(back).__name__ == "SampleRequest" and back.seed == 8
+        got = [back.noise, back.latent_image, back.positive[0][0], back.negative[0][0],
+               back.positive[0][1]["pooled_output"], *back.delta.weights.tensors]
+        for a, b in zip(want, got):
+            assert type(b) is torch.Tensor and (a.dtype, a.shape) == (b.dtype, b.shape)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def test_embedded_cluster_listens_on_loopback_only(cluster):

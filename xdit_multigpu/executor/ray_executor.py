@@ -26,6 +26,7 @@ from ..config import DeviceKind, DeviceSet
 from ..errors import WorkerError, WorkerTimeout
 from .base import DEFAULT_RPC_TIMEOUT_S, Executor, ProgressHook
 from .cluster import ClusterInfo, worker_pythonpath
+from .transport import pack
 
 log = logging.getLogger("xdit_multigpu.executor")
 
@@ -74,9 +75,11 @@ class RayWorkerWrapper:
         return os.path.join(tempfile.mkdtemp(prefix="xdit_pg_"), "store")
 
     def execute(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """The worker's ``method(*args, **kwargs)``; its result is ``pack``-ed (rank 0's latent travels
+        back as an out-of-band buffer, see ``transport``) and arrives as plain tensors at the driver."""
         if self._worker is None:
             self._worker = _resolve(self._worker_cls)()
-        return getattr(self._worker, method)(*args, **kwargs)
+        return pack(getattr(self._worker, method)(*args, **kwargs))
 
     def execute_reporting(self, sink: Any, preview_interval_s: float | None, method: str, *args: Any, **kwargs: Any) -> Any:
         """``execute`` with a ``progress`` reporter that sends to ``sink`` (fire-and-forget, ordered).
@@ -290,8 +293,12 @@ class RayExecutor(Executor):
             raise WorkerError(f"{method}: the worker pool is shut down ({self._failure or 'shutdown() was called'})")
         if per_rank_args is not None and len(per_rank_args) != self.world_size:
             raise ValueError(f"per_rank_args has {len(per_rank_args)} entries for {self.world_size} ranks")
-        kw = kwargs or {}
-        if per_rank_args is None and self.world_size > 1:
+        # Large CPU tensors (noise, latents, conditioning, LoRA weights) travel as out-of-band buffers, not
+        # through torch's in-band pickling (2 ranks, ~19 MB Flux request: 67 -> 25 ms); actors get plain tensors.
+        args, kw = pack(tuple(args)), pack(kwargs or {})
+        if per_rank_args is not None:
+            per_rank_args = [pack(tuple(a)) for a in per_rank_args]
+        elif self.world_size > 1:
             # Serialise a shared argument (a request with latents and conditioning) once, not once per rank;
             # Ray resolves top-level ObjectRef arguments before the method runs.
             args = tuple(self._ray.put(a) for a in args)

@@ -1,0 +1,151 @@
+"""Cheap transport of requests and results through Ray: large CPU tensors travel as out-of-band buffers.
+
+Torch pickles a CPU tensor through its storage's own reduce, which ``torch.save``-s the bytes into an
+in-band ``bytes`` object. ``pack`` replaces each large tensor by a ``_Wire`` whose ``__reduce__`` hands
+pickle a numpy ``uint8`` view of the tensor's bytes; Ray's pickle-5 serializer sends such buffers out of
+band (one copy into the object store, none through pickle). Measured on a 2-core CPU box for a ~19 MB
+Flux-shaped request: ``ray.put`` 47 -> 11 ms, a call with it as an inline argument 52 -> 17 ms.
+
+Unpickling a ``_Wire`` yields a plain writable ``torch.Tensor`` (``_rebuild``), so the receiving side
+needs no code. ``pack`` never mutates its input and returns the very same object when nothing inside it
+was wrapped. Importing this module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+MIN_WIRE_BYTES = 64 * 1024  # below this, torch's own pickling costs less than the extra buffer
+
+
+class _Wire:
+    """A CPU tensor on its way through pickle; never seen by the receiver (it gets the tensor)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor = tensor
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, str, tuple[int, ...]]]:
+        import torch  # noqa: PLC0415
+
+        t = self.tensor.resolve_conj().resolve_neg().contiguous()
+        # A uint8 view carries every dtype's exact bits (bf16 and float8 have no numpy dtype).
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        return _rebuild, (raw, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+def _rebuild(raw: Any, dtype_name: str, shape: tuple[int, ...]) -> Any:
+    """The tensor a ``_Wire`` stood for: same dtype, shape and bits, in fresh writable memory.
+
+    ``raw`` may be a read-only view into Ray's shared object store: copying it out keeps a sampler that
+    writes in place from touching shared memory (and from failing on a read-only buffer).
+    """
+    import torch  # noqa: PLC0415
+
+    # torch.tensor copies a (read-only) numpy array into torch-owned memory without a warning.
+    return torch.tensor(raw).view(getattr(torch, dtype_name)).reshape(shape)
+
+
+def _wants_wire(obj: Any) -> bool:
+    """A plain, dense, gradient-free CPU tensor of at least ``MIN_WIRE_BYTES`` (torch already imported).
+
+    Subclasses (``Parameter``, ComfyUI's own types), quantized / sparse / nested / named tensors and
+    tensors that need grad keep torch's pickling, which knows how to rebuild them.
+    """
+    import torch  # noqa: PLC0415
+
+    return (
+        type(obj) is torch.Tensor
+        and obj.device.type == "cpu"
+        and obj.layout == torch.strided
+        and not obj.requires_grad
+        and not obj.is_quantized
+        and not obj.is_nested
+        and not any(getattr(obj, "names", None) or ())  # named tensors (gone from recent torch)
+        and obj.numel() * obj.element_size() >= MIN_WIRE_BYTES
+    )
+
+
+def pack(obj: Any) -> Any:
+    """``obj`` with every large CPU tensor wrapped for out-of-band transport (see the module docstring).
+
+    Walks exact ``list``, ``tuple`` and ``dict`` (any keys; values only) and dataclass instances;
+    anything else (namedtuples, dict subclasses, ComfyUI objects inside conditioning dicts) stays as it
+    is. A container or dataclass is copied only when something inside it changed, else returned as is
+    (``pack(x) is x``). A tensor or container reached twice is packed once and stays shared.
+    """
+    import sys  # noqa: PLC0415
+
+    if "torch" not in sys.modules:  # no tensor can exist without torch: nothing to wrap, nothing to import
+        return obj
+    return _Packer().walk(obj)
+
+
+class _Packer:
+    """One ``pack`` call: the memo that keeps shared objects shared and stops at cycles."""
+
+    def __init__(self) -> None:
+        self._done: dict[int, Any] = {}  # id(original) -> packed (the originals stay alive in the input)
+        self._active: set[int] = set()  # containers being walked (a cycle back to one is left as is)
+
+    def walk(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind in (str, int, float, bool, bytes, type(None)):
+            return obj
+        key = id(obj)
+        if key in self._done:
+            return self._done[key]
+        if key in self._active:
+            return obj
+        if _wants_wire(obj):
+            out: Any = _Wire(obj)
+        elif kind is list or kind is tuple or kind is dict or _is_dataclass_instance(obj):
+            self._active.add(key)
+            try:
+                out = self._walk_container(obj)
+            finally:
+                self._active.discard(key)
+        else:
+            return obj
+        self._done[key] = out
+        return out
+
+    def _walk_container(self, obj: Any) -> Any:
+        """A copy of list / tuple / dict / dataclass ``obj`` with packed parts, or ``obj`` if none changed."""
+        kind = type(obj)
+        if kind is dict:
+            items = {k: self.walk(v) for k, v in obj.items()}
+            return items if any(items[k] is not v for k, v in obj.items()) else obj
+        if kind is list or kind is tuple:
+            parts = [self.walk(v) for v in obj]
+            return kind(parts) if any(p is not v for p, v in zip(parts, obj)) else obj
+        return self._walk_dataclass(obj)
+
+    def _walk_dataclass(self, obj: Any) -> Any:
+        """A shallow copy of dataclass ``obj`` with its changed fields set, or ``obj`` when none changed.
+
+        Why not ``dataclasses.replace``: it reruns ``__init__`` / ``__post_init__`` (which may inspect a
+        field that is now a ``_Wire``) and cannot set ``init=False`` fields. ``object.__setattr__`` on a
+        private copy is how frozen dataclasses set their own fields too.
+        """
+        changed = {}
+        for f in dataclasses.fields(obj):
+            if not hasattr(obj, f.name):  # an init=False field never assigned
+                continue
+            value = getattr(obj, f.name)
+            packed = self.walk(value)
+            if packed is not value:
+                changed[f.name] = packed
+        if not changed:
+            return obj
+        new = copy.copy(obj)
+        for name, value in changed.items():
+            object.__setattr__(new, name, value)
+        return new
+
+
+def _is_dataclass_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
