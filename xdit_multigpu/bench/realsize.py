@@ -38,6 +38,17 @@ PIXART_SIGMA = {
     "num_heads": 16, "patch_size": 2, "hidden_size": 1152, "in_channels": 4, "depth": 28,
     "model_max_length": 300, "image_model": "pixart_sigma", "micro_condition": False,
 }
+# PixArt-α XL/2 1024: Σ's transformer plus the micro-condition embedders (size, aspect ratio); T5 120 tokens.
+PIXART_ALPHA = dict(PIXART_SIGMA, image_model="pixart_alpha", micro_condition=True, model_max_length=120)
+# SDXL base UNet as ComfyUI detects it (supported_models.SDXL): 2.6 B params, CLIP-L + G context 2048.
+SDXL_BASE = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
 # HunyuanDiT v1.2 (DiT-g/2): hidden 1408, 16 heads, 40 blocks (no size/style conditioning in v1.2).
 HUNYUAN_DIT = {"image_model": "hydit", "depth": 40, "hidden_size": 1408, "mlp_ratio": 4.3637}
 # Chroma1-HD as ComfyUI detects it: Flux's 19 double + 38 single blocks without per-block modulation
@@ -113,12 +124,26 @@ def _t5_only_cond(tokens: int) -> Callable[[int, int], tuple[list, list]]:
     return make
 
 
-def _pixart_cond(width: int, height: int) -> tuple[list, list]:
+def _pixart_cond(tokens: int) -> Callable[[int, int], tuple[list, list]]:
+    """PixArt: T5 context (Σ 300 tokens, α 120); width / height feed α's micro-conditions."""
+    def make(width: int, height: int) -> tuple[list, list]:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        return tuple([[_randn((1, tokens, 4096), g, 1.0), {"width": width, "height": height}]]
+                     for _ in range(2))  # type: ignore[return-value]
+
+    return make
+
+
+def _sdxl_cond(width: int, height: int) -> tuple[list, list]:
+    """SDXL: CLIP-L + G context (77 x 2048), pooled G (1280) and the size / crop conditioning."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return tuple([[_randn((1, 300, 4096), g, 1.0), {"width": width, "height": height}]]
-                  for _ in range(2))  # type: ignore[return-value]
+    size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width, "target_height": height}
+    return tuple([[_randn((1, 77, 2048), g, 1.0), {"pooled_output": _randn((1, 1280), g, 1.0), **size}]]
+                 for _ in range(2))  # type: ignore[return-value]
 
 
 def _hunyuan_cond(width: int, height: int) -> tuple[list, list]:
@@ -141,8 +166,14 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
          notes="11.9 B params; T5 512 tokens; cfg 1 (guidance-distilled)"),
     Arch("sd35-large", SD35_LARGE, "SD3", 38, 16, 4.5, _sd3_cond(154, 4096, 2048),
          notes="8.1 B params; 154 context tokens (CLIP 77 + T5 77); cfg 4.5 with a negative"),
-    Arch("pixart-sigma", PIXART_SIGMA, "PixArtSigma", 16, 4, 4.5, _pixart_cond,
+    Arch("pixart-sigma", PIXART_SIGMA, "PixArtSigma", 16, 4, 4.5, _pixart_cond(300),
          notes="0.6 B params; T5 300 tokens (cross-attention); cfg 4.5", vae_channels=4),
+    Arch("pixart-alpha", PIXART_ALPHA, "PixArtAlpha", 16, 4, 4.5, _pixart_cond(120),
+         notes="0.6 B params; T5 120 tokens (cross-attention), size / aspect micro-conditions; cfg 4.5",
+         vae_channels=4),
+    Arch("sdxl", SDXL_BASE, "SDXL", 10, 4, 7.0, _sdxl_cond,
+         notes="2.6 B params UNet; CLIP-L + G 77 tokens; cfg 7 (CFG parallel: convolutions need the whole image)",
+         vae_channels=4),
     Arch("hunyuan-dit", HUNYUAN_DIT, "HunyuanDiT", 16, 4, 6.0, _hunyuan_cond,
          notes="1.5 B params; CLIP 77 + mT5 256 tokens (cross-attention); cfg 6", vae_channels=4),
     Arch("chroma-hd", CHROMA_HD, "Chroma", 24, 16, 4.0, _t5_only_cond(512),
@@ -152,7 +183,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("tiny-sd3", {}, "SD3", 4, 16, 3.0, _sd3_cond(77, 4096, 2048), tiny_family="sd3"),
     Arch("tiny-chroma", {}, "Chroma", 4, 16, 3.0, _t5_only_cond(16), explicit_config=True, tiny_family="chroma"),
 )}
-REAL = ("flux-dev", "sd35-large", "pixart-sigma", "hunyuan-dit")
+REAL = ("flux-dev", "sd35-large", "pixart-sigma", "pixart-alpha", "hunyuan-dit", "sdxl")
 
 
 def write_model(arch: Arch, out_dir: str, device: str = "cuda") -> dict[str, Any]:
