@@ -62,6 +62,24 @@ class AttentionBackend(StrEnum):
         return _env_choice("XDIT_ATTENTION_BACKEND", cls, cls.YUNCHANG)
 
 
+class ResidentWeights(StrEnum):
+    """Whether CUDA workers load the diffusion model straight into GPU memory (``XDIT_RESIDENT_WEIGHTS``).
+
+    Resident = ComfyUI's HIGH_VRAM mode in the worker (``--highvram``): the loader copies the file into
+    GPU memory once, instead of into system RAM and again to the GPU on the first sampling call. A VRAM
+    flag the host ComfyUI was started with always wins (see ``worker.resident.decide``).
+    """
+
+    AUTO = "auto"  # default: resident when the model file fits a share of the worker's GPU
+    ON = "on"  # resident whatever the file size (the user knows it fits)
+    OFF = "off"  # ComfyUI's default: weights in system RAM until the first sampling call
+
+    @classmethod
+    def from_env(cls) -> ResidentWeights:
+        """The mode named by ``XDIT_RESIDENT_WEIGHTS`` (unset or empty: auto); anything else: ConfigError."""
+        return _env_choice("XDIT_RESIDENT_WEIGHTS", cls, cls.AUTO)
+
+
 class DeviceKind(StrEnum):
     CUDA = "cuda"
     CPU = "cpu"  # CPU ranks stand in for GPUs (tests, CI); gloo instead of NCCL

@@ -41,6 +41,11 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     lp = legacy["attention_paths"]
     assert lp["usp"] > 0 and lp["fused"] == 0 and lp["text_replicated"] > 0 and lp["text_sharded"] == 0
     assert legacy["vs_stock"]["rel_l2"] < 1e-4
+    phases = report["models"]["tiny-flux"]["engine"]["2"]["pool_start_phases"]  # where the pool start went
+    assert phases["resident"] is False and phases["resident_reason"] == "CPU rank"
+    assert len(phases["import_s"]) == len(phases["pg_s"]) == len(phases["rank_load_s"]) == 2
+    assert 0 < phases["load_s"] and sum(phases[k] for k in ("cluster_s", "actors_s", "init_s", "load_s")) <= \
+        report["models"]["tiny-flux"]["engine"]["2"]["pool_start_s"] + 0.05
     sd3 = report["models"]["tiny-sd3"]["engine"]["2"]["rows"]["Hybrid/128"]
     assert sd3["plan"].startswith("cfg 2") and sd3["vs_stock"]["rel_l2"] < 1e-4
     stock = report["models"]["tiny-flux"]["stock"]["sizes"]["128"]
@@ -54,4 +59,5 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     assert "| tiny-flux | 128² | 2 | Hybrid: cfg 1 x ulysses 2" in text
     assert "| tiny-sd3 | 128² | 2 | Hybrid: cfg 2" in text
     assert "## Levers A/B" in text and "| tiny-flux | 128² | 2 |" in text.split("## Levers A/B")[1]
+    assert "| tiny-flux | 2 |" in text.split("### Pool start phases")[1]
     assert (tmp_path / "docs" / "img" / "speedup_tiny-flux.svg").read_text().startswith("<svg")

@@ -47,14 +47,17 @@ class EngineBench:
         self.devices = DeviceSet(kind, tuple(range(n)), text)
         self.model_spec = lookup(arch.config_class)
         self.pool_start_s: float | None = None
+        self.pool_start_phases: dict[str, Any] | None = None  # WorkerPool.start_phases: where the start went
 
     def spec(self, strategy: str) -> DispatcherSpec:
         return DispatcherSpec(self.load, self.devices, ParallelStrategy(strategy), family=self.model_spec.name)
 
     def start(self) -> float:
         t0 = time.perf_counter()
-        self.engine.pool(self.spec("Hybrid"))
+        pool = self.engine.pool(self.spec("Hybrid"))
         self.pool_start_s = round(time.perf_counter() - t0, 2)
+        phases = getattr(pool, "start_phases", None)
+        self.pool_start_phases = phases.as_dict() if phases is not None else None
         return self.pool_start_s
 
     def _executor(self) -> Any:
@@ -136,6 +139,8 @@ def run_model(engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: Devi
     result: dict[str, Any] = {"n": n, "rows": {}}
     try:
         result["pool_start_s"] = bench.start()
+        if bench.pool_start_phases is not None:
+            result["pool_start_phases"] = bench.pool_start_phases
     except Exception as e:  # noqa: BLE001  (a failed pool is a row of the report, not the end of the run)
         result["error"] = f"pool start: {type(e).__name__}: {e}"
         bench.release()

@@ -106,7 +106,37 @@ def _pool_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
     return lines + ["", "*Dispatch*: the driver's wall time per request minus rank 0's time inside `Worker.sample` "
                     "(median over the row's requests). *In-request setup*: rank 0's time from entering the sampler "
                     "call to the first step's end, minus one median step (clone, hooks, model to device, sampler "
-                    "setup).", ""]
+                    "setup).", ""] + _phase_lines(report)
+
+
+def _max(xs: Any) -> float | None:
+    vals = [x for x in (xs or []) if x is not None]
+    return max(vals) if vals else None
+
+
+def _phase_lines(report: dict[str, Any]) -> list[str]:
+    """One line per pool: where its start went (``pool_start_phases``; older JSON without it: nothing)."""
+    lines = []
+    for name, m in report.get("models", {}).items():
+        for n, eng in sorted((m.get("engine") or {}).items(), key=lambda kv: int(kv[0])):
+            p = eng.get("pool_start_phases")
+            if not p:
+                continue
+            where = "GPU" if p.get("resident") else "system RAM"
+            lines.append(f"| {name} | {n} | {_f(eng.get('pool_start_s'))} | {_f(p.get('cluster_s'))} | "
+                         f"{_f(p.get('actors_s'))} | {_f(p.get('init_s'))} | {_f(_max(p.get('import_s')))} | "
+                         f"{_f(_max(p.get('pg_s')))} | {_f(p.get('load_s'))} | {_f(_max(p.get('rank_load_s')))} | "
+                         f"{where} ({p.get('resident_reason') or '–'}) |")
+    if not lines:
+        return []
+    return (["### Pool start phases", "",
+             "| model | GPUs | pool start (s) | cluster (s) | actors (s) | init (s) | import (s) | process group (s) | "
+             "load (s) | load, rank (s) | weights |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            + lines + ["", "Driver clock: *cluster* (start or join Ray), *actors* (spawn until every actor answers), "
+                       "*init* (every rank imports ComfyUI and torch, initialises CUDA and joins the process group; "
+                       "*import* and *process group* are the slowest rank's parts), *load* (ComfyUI's loader on "
+                       "every rank; *load, rank*: the slowest rank's own time). *Weights*: where the loader put "
+                       "the diffusion model (`XDIT_RESIDENT_WEIGHTS`).", ""])
 
 
 def _side_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:

@@ -25,7 +25,7 @@ from ..executor.local import LocalExecutor
 from ..executor.ray_executor import WorkerInterrupted
 from . import planner
 from .model_delta import ModelDelta
-from .pool import Timeouts, WorkerPool
+from .pool import Timeouts, WorkerPool, resident_mode
 from .request import SampleRequest
 
 log = logging.getLogger("xdit_multigpu.engine")
@@ -172,6 +172,7 @@ class Engine:
         world = spec.devices.world_size
         axes = model_spec.axes if model_spec is not None else frozenset()
         attention = AttentionBackend.from_env()  # a bad value is the user's to fix, not a fallback
+        resident_mode()  # XDIT_RESIDENT_WEIGHTS: checked here too, so a bad value fails every request alike
         plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes)
         if world == 0:
             raise Unavailable("no GPU is visible (gpu_devices is \"all\")")

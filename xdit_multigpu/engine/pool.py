@@ -1,7 +1,8 @@
 """``WorkerPool``: the started workers of one ``DispatcherSpec`` (devices + model file + cluster).
 
-Start = actors + process group + ``load_model`` on every rank, all inside one time budget. A pool is
-used until its key changes or a call fails; then it is shut down (actors killed) and built anew.
+Start = actors + process group + ``load_model`` on every rank, all inside one time budget; where the
+time went is kept as ``StartPhases`` (logged, and in the benchmark's JSON). A pool is used until its
+key changes or a call fails; then it is shut down (actors killed) and built anew.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DispatcherSpec
+from ..config import DispatcherSpec, ResidentWeights
 from ..errors import ConfigError, WorkerError, WorkerTimeout
 from ..executor.base import Executor, ProgressHook
 from .request import SampleRequest
@@ -54,6 +55,72 @@ class Timeouts:
         )
 
 
+def resident_mode() -> ResidentWeights:
+    """``XDIT_RESIDENT_WEIGHTS`` (auto / on / off); a bad value is a ConfigError naming the variable."""
+    return ResidentWeights.from_env()
+
+
+def _file_bytes(path: str) -> int | None:
+    """The model file's size when it is on this node (None: the workers' node has its own copy)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class StartPhases:
+    """Where one pool start went (driver clock, seconds) and what the ranks said about it.
+
+    ``cluster_s`` (start or join Ray), ``actors_s`` (spawn until every actor answers ``ready``),
+    ``init_s`` (the ``init_distributed`` RPC), ``load_s`` (the ``load_model`` RPC) follow each other.
+    Per rank, in rank order: ``import_s`` (ComfyUI + torch imports, CUDA init) and ``pg_s`` (joining
+    the process group) happen inside ``init_s``; ``rank_load_s`` (the worker's own load time) inside
+    ``load_s``. ``resident``: every rank loaded the weights straight into GPU memory.
+    """
+
+    cluster_s: float
+    actors_s: float
+    init_s: float
+    load_s: float
+    import_s: tuple[float, ...] = ()
+    pg_s: tuple[float, ...] = ()
+    rank_load_s: tuple[float, ...] = ()
+    resident: bool = False
+    resident_reason: str = ""
+
+    @classmethod
+    def from_facts(cls, wall: dict[str, float], init: list[dict[str, Any]] | None,
+                   load: list[dict[str, Any]] | None) -> StartPhases:
+        """``wall``: the four driver-side durations; ``init`` / ``load``: the RPCs' per-rank results."""
+        init, load = [f for f in init or [] if isinstance(f, dict)], [f for f in load or [] if isinstance(f, dict)]
+
+        def per_rank(facts: list[dict[str, Any]], key: str) -> tuple[float, ...]:
+            return tuple(float(f[key]) for f in facts if isinstance(f.get(key), (int, float)))
+
+        reasons = list(dict.fromkeys(str(f.get("resident_reason") or "") for f in init))
+        return cls(
+            **{k: round(float(v), 3) for k, v in wall.items()},
+            import_s=per_rank(init, "import_s"), pg_s=per_rank(init, "pg_s"), rank_load_s=per_rank(load, "load_s"),
+            resident=bool(init) and all(f.get("resident") is True for f in init),
+            resident_reason=" | ".join(r for r in reasons if r),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def describe(self) -> str:
+        """One log line: ``cluster 0.1 s, actors 2.0 s, init 7.9 s (import <= 6.1 s, ...)``."""
+        def most(xs: tuple[float, ...]) -> str:
+            return f"{max(xs):.1f}" if xs else "?"
+
+        where = "GPU" if self.resident else "system RAM"
+        return (f"cluster {self.cluster_s:.1f} s, actors {self.actors_s:.1f} s, init {self.init_s:.1f} s "
+                f"(import <= {most(self.import_s)} s, process group <= {most(self.pg_s)} s), load {self.load_s:.1f} s "
+                f"(rank <= {most(self.rank_load_s)} s), weights in {where}: {self.resident_reason or '?'}")
+
+
 def _host_cli_args() -> dict[str, Any] | None:
     """The host ComfyUI's flags, when ComfyUI is loaded in this process (workers compute alike)."""
     import sys
@@ -68,20 +135,25 @@ def _host_cli_args() -> dict[str, Any] | None:
 class WorkerPool:
     """Started workers for one pool key. Not thread-safe: the engine serialises use."""
 
-    def __init__(self, key: tuple[object, ...], executor: Executor, facts: list[dict[str, Any]], start_s: float) -> None:
+    def __init__(self, key: tuple[object, ...], executor: Executor, facts: list[dict[str, Any]], start_s: float,
+                 start_phases: StartPhases | None = None) -> None:
         self.key = key
         self.executor = executor
         self.facts = facts
         self.start_s = start_s
+        self.start_phases = start_phases  # where start_s went (None: a pool not built by ``start``)
         self.fast_link_group: int | None = getattr(executor, "fast_link_group", None)
         self.weights_key = ""  # the last model-delta weights sent; every worker holds them (sent once per change)
 
     @classmethod
     def start(cls, spec: DispatcherSpec, timeouts: Timeouts, worker_cls: str | type | None = None) -> WorkerPool:
-        """Start workers for ``spec``; raises ``WorkerError``/``WorkerTimeout`` (nothing left running)."""
+        """Start workers for ``spec``; raises ``WorkerError``/``WorkerTimeout`` (nothing left running), or
+        ``ConfigError`` for a bad ``XDIT_RESIDENT_WEIGHTS`` before anything starts. Records ``start_phases``.
+        """
         from ..executor.cluster import ensure_cluster
         from ..executor.ray_executor import DEFAULT_WORKER, RayExecutor
 
+        mode = resident_mode()
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeouts.start_s
 
@@ -92,19 +164,26 @@ class WorkerPool:
             return remaining
 
         cluster = ensure_cluster(spec.ray_address)
+        t_cluster = time.perf_counter()
         executor = RayExecutor(spec.devices, cluster, worker_cls=worker_cls or DEFAULT_WORKER, start_timeout=left("actors"))
+        t_actors = time.perf_counter()
         try:
-            executor.init_process_group(
+            init = executor.init_process_group(
                 spec.devices.backend, min(timeouts.collective_s, left("init_distributed")), cluster.comfy_root,
-                _host_cli_args(),
+                _host_cli_args(), file_bytes=_file_bytes(spec.load.path), resident=mode.value,
             )
+            t_init = time.perf_counter()
             facts = executor.collective_rpc("load_model", (spec.load,), timeout=left("load_model"))
         except BaseException:
             executor.shutdown()
             raise
-        took = time.perf_counter() - t0
-        log.info("xDiT: pool for %s ready in %.1f s: %s", spec.devices.describe(), took, facts[0] if facts else {})
-        return cls(spec.pool_key(), executor, facts, took)
+        t_load = time.perf_counter()
+        wall = {"cluster_s": t_cluster - t0, "actors_s": t_actors - t_cluster, "init_s": t_init - t_actors,
+                "load_s": t_load - t_init}
+        phases = StartPhases.from_facts(wall, init, facts)
+        log.info("xDiT: pool for %s ready in %.1f s (%s): %s", spec.devices.describe(), t_load - t0, phases.describe(),
+                 facts[0] if facts else {})
+        return cls(spec.pool_key(), executor, facts, t_load - t0, phases)
 
     def sample(self, req: SampleRequest, timeout: float, on_progress: ProgressHook | None = None) -> Any:
         """Rank 0's latent (CPU tensor). Raises ``WorkerError`` on any rank's failure.

@@ -257,10 +257,14 @@ class RayExecutor(Executor):
         return counts.pop() if len(per_node) > 1 and len(counts) == 1 else None
 
     def init_process_group(
-        self, backend: str, timeout_s: float, comfy_root: str | None, cli_args: dict[str, Any] | None
-    ) -> None:
-        """Form the default process group; every rank joins concurrently.
+        self, backend: str, timeout_s: float, comfy_root: str | None, cli_args: dict[str, Any] | None,
+        *, file_bytes: int | None = None, resident: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Form the default process group; every rank joins concurrently. Returns each rank's facts
+        (``Worker.init_distributed``: import and group times, where its weights will live), rank order.
 
+        ``file_bytes`` (model file size) and ``resident`` (``XDIT_RESIDENT_WEIGHTS``), when given, go to
+        every rank, which decides from them whether to load the weights straight into GPU memory.
         One machine: a FileStore in a private temp dir, because torch's TCPStore server listens on all
         interfaces whatever host it is given (seen: ``::``), which would open a port to the network.
         Several machines: rank 0 picks a free port on its node IP (TCPStore; the cluster's network).
@@ -276,8 +280,10 @@ class RayExecutor(Executor):
         per_rank = [
             (r, self.world_size, init_method, backend, timeout_s, comfy_root, cli_args) for r in range(self.world_size)
         ]
+        # Only what was given: a worker class with the older signature keeps working.
+        kwargs = {k: v for k, v in (("file_bytes", file_bytes), ("resident_mode", resident)) if v is not None}
         self._progress_sink()  # starts while the ranks join and load, ready for the first sampling call
-        self.collective_rpc("init_distributed", per_rank_args=per_rank, timeout=timeout_s)
+        return self.collective_rpc("init_distributed", kwargs=kwargs, per_rank_args=per_rank, timeout=timeout_s)
 
     # -- calls ---------------------------------------------------------------------------------------
     def collective_rpc(

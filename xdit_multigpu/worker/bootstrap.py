@@ -7,6 +7,7 @@ and by the test suite. ComfyUI reads its CLI flags at import time, so they are s
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Mapping
@@ -31,9 +32,7 @@ def import_comfy(comfy_root: str, *, cpu: bool, cli_args: Mapping[str, Any] | No
     sys.path.insert(0, root)
     from comfy.cli_args import args  # noqa: PLC0415  (ComfyUI's argparse defaults; sys.argv is ignored)
 
-    for key, value in (cli_args or {}).items():
-        if key not in _DEVICE_FLAGS and hasattr(args, key):
-            setattr(args, key, value)
+    apply_cli_args(args, cli_args)
     args.cpu = cpu
     if "comfy.model_management" in sys.modules and cpu:
         # Too late to change the device choice; the caller imported ComfyUI before bootstrapping.
@@ -43,7 +42,15 @@ def import_comfy(comfy_root: str, *, cpu: bool, cli_args: Mapping[str, Any] | No
             raise RuntimeError("comfy.model_management was imported before import_comfy(cpu=True)")
     # ComfyUI's nodes.py puts .../comfy on sys.path, after which a bare ``import utils`` finds
     # comfy/utils.py; main.py imports utils.extra_config first to bind the real ``utils`` package.
-    import utils.extra_config  # noqa: F401, PLC0415
+    importlib.import_module("utils.extra_config")
+
+
+def apply_cli_args(args: Any, cli_args: Mapping[str, Any] | None) -> None:
+    """Set ``cli_args`` on ComfyUI's flag namespace ``args``: every flag it has, except device flags
+    (a worker chooses its device itself). Must run before ``comfy.model_management`` is imported."""
+    for key, value in (cli_args or {}).items():
+        if key not in _DEVICE_FLAGS and hasattr(args, key):
+            setattr(args, key, value)
 
 
 def host_cli_args() -> dict[str, Any]:

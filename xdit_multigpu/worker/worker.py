@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 from ..config import LoadSpec, ParallelPlan
 from ..engine.model_delta import DeltaCache
 from ..engine.request import SampleRequest
-from . import comfy_runtime
+from . import comfy_runtime, resident
 from .bootstrap import import_comfy
 
 log = logging.getLogger("xdit_multigpu.worker")
@@ -73,12 +74,19 @@ class Worker:
         timeout_s: float,
         comfy_root: str | None,
         cli_args: dict[str, Any] | None = None,
+        file_bytes: int | None = None,
+        resident_mode: str = "auto",
     ) -> dict[str, Any]:
-        """Import ComfyUI for this device, then join the default process group (collective)."""
+        """Import ComfyUI for this device, then join the default process group (collective).
+
+        ``file_bytes`` (the model file's size; None: unknown, ComfyUI's default placement) and
+        ``resident_mode`` (``XDIT_RESIDENT_WEIGHTS`` as the driver read it) decide whether a CUDA rank
+        loads the weights straight into GPU memory (see ``worker.resident``). Returns facts: ``import_s``
+        (ComfyUI + torch imports, CUDA init), ``pg_s`` (joining the group), ``resident`` and its reason.
+        """
+        t0 = time.perf_counter()
         cpu = backend == "gloo"
-        if comfy_root:
-            # Before torch picks a device: ComfyUI decides CPU vs CUDA at import.
-            import_comfy(comfy_root, cpu=cpu, cli_args=cli_args)
+        placement = _import_comfy(comfy_root, cpu, cli_args, file_bytes, resident_mode)
         import torch
         import torch.distributed as dist
 
@@ -88,12 +96,13 @@ class Worker:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         else:
             torch.cuda.set_device(0)  # the actor sees exactly one GPU (CUDA_VISIBLE_DEVICES)
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         if not dist.is_initialized():
             dist.init_process_group(
                 backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
             )
-        return {"rank": rank, "pid": os.getpid(), "init_s": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads()}
+        return {"rank": rank, "pid": os.getpid(), "import_s": round(t1 - t0, 3), "pg_s": round(time.perf_counter() - t1, 3),
+                "threads": torch.get_num_threads(), **placement}
 
     @_logged
     def load_model(self, load: LoadSpec) -> dict[str, Any]:
@@ -175,6 +184,27 @@ class Worker:
             mm.soft_empty_cache()
         except ImportError:
             pass  # ComfyUI was never imported in this process: nothing is cached there
+
+
+def _import_comfy(
+    comfy_root: str | None, cpu: bool, cli_args: dict[str, Any] | None, file_bytes: int | None, mode: str
+) -> dict[str, Any]:
+    """Import ComfyUI (flags, model management, loader) with the weight placement decided first.
+
+    ComfyUI fixes CPU vs CUDA and its VRAM mode when ``comfy.model_management`` is imported, so the
+    decision (and ``--highvram`` for a resident rank) comes before. The loader is imported here too,
+    so that ``load_model``'s time is the load alone. Returns ``resident``, ``resident_reason``, ``vram_state``.
+    """
+    if not comfy_root:  # ComfyUI comes from PYTHONPATH, imported by load_model with its own defaults
+        return {"resident": False, "resident_reason": "no ComfyUI root given", "vram_state": None}
+    decision = resident.decide_for_rank(cpu, file_bytes, cli_args, mode)
+    import_comfy(comfy_root, cpu=cpu, cli_args=resident.worker_flags(cli_args, decision))
+    import comfy.model_management as mm
+
+    importlib.import_module("comfy.sd")  # the model code: seconds of imports, counted here as import time
+
+    final = resident.confirm(decision, mm.vram_state.name)
+    return {"resident": final.resident, "resident_reason": final.reason, "vram_state": mm.vram_state.name}
 
 
 def _spec_of(patcher: Any) -> Any:
