@@ -62,6 +62,18 @@ class AttentionBackend(StrEnum):
         return _env_choice("XDIT_ATTENTION_BACKEND", cls, cls.YUNCHANG)
 
 
+class CudaGraphs(StrEnum):
+    """Whether workers replay the denoiser call as a CUDA graph (``XDIT_CUDA_GRAPHS``, see ``worker/graphs.py``)."""
+
+    OFF = "off"
+    AUTO = "auto"  # default: on a CUDA device, unless another node's code runs inside the model call
+    ON = "on"  # also with other nodes' patches (they must not keep per-step Python state)
+
+    @classmethod
+    def from_env(cls) -> CudaGraphs:
+        return _env_choice("XDIT_CUDA_GRAPHS", cls, cls.AUTO)
+
+
 class ResidentWeights(StrEnum):
     """Whether CUDA workers load the diffusion model straight into GPU memory (``XDIT_RESIDENT_WEIGHTS``).
 
@@ -352,6 +364,7 @@ class ParallelPlan:
     ring: int = 1
     reason: str = field(default="", compare=False)
     attention: AttentionBackend = AttentionBackend.YUNCHANG  # used only when ulysses * ring > 1
+    graphs: CudaGraphs = CudaGraphs.OFF  # the engine sets XDIT_CUDA_GRAPHS' value; OFF for in-process sampling
 
     def __post_init__(self) -> None:
         for name in ("cfg", "ulysses", "ring"):

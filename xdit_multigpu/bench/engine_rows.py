@@ -22,6 +22,7 @@ log = logging.getLogger("xdit_multigpu.bench")
 BENCH_WORKER = "xdit_multigpu.bench.worker.BenchWorker"
 LEGACY_ENV = {"XDIT_SHARD_TEXT": "0", "XDIT_FUSED_ULYSSES": "0"}  # the first GPU run's attention path
 LEGACY = "levers off"
+GRAPHS_OFF = "graphs off"  # the same row with XDIT_CUDA_GRAPHS=off (read by the engine in this process)
 
 
 def make_engine() -> Any:
@@ -90,6 +91,7 @@ class EngineBench:
             "timed_wall_s": round(timed["wall_s"], 4), "worker_wall_s": stats[0]["wall_s"],
             "setup_ms": stats[0].get("setup_ms"),  # rank 0: request start -> first step, minus one step
             "attention_paths": stats[0].get("paths"),  # rank 0, whole timed request: calls per path
+            "graphs": stats[0].get("graphs"),  # rank 0: denoiser calls eager / captured / replayed
             "dispatch_ms": [warm["dispatch_ms"], timed["dispatch_ms"]],
             "peak_allocated_gb": [s["peak_allocated_gb"] for s in stats],
             "peak_reserved_gb": [s["peak_reserved_gb"] for s in stats],
@@ -115,6 +117,18 @@ class EngineBench:
             return self.row(strategy, size, stock_latent, e2e=False)
         finally:
             self._executor().collective_rpc("bench_env", (old,), timeout=60)
+
+    def graphs_off_row(self, strategy: str, size: int, stock_latent: Any) -> dict[str, Any]:
+        """The same row with CUDA graphs off (``XDIT_CUDA_GRAPHS=off`` in this, the engine's, process)."""
+        old = os.environ.get("XDIT_CUDA_GRAPHS")
+        os.environ["XDIT_CUDA_GRAPHS"] = "off"
+        try:
+            return self.row(strategy, size, stock_latent, e2e=False)
+        finally:
+            if old is None:
+                os.environ.pop("XDIT_CUDA_GRAPHS", None)
+            else:
+                os.environ["XDIT_CUDA_GRAPHS"] = old
 
     def release(self) -> None:
         self.engine.release_all(stop_ray=False)
@@ -145,14 +159,16 @@ def run_model(engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: Devi
         result["error"] = f"pool start: {type(e).__name__}: {e}"
         bench.release()
         return result
-    jobs = [(s, size, False) for s in strategies_for(arch, n, opts.strategies) for size in sizes]
+    jobs: list[tuple[str, int, str | None]] = [(s, size, None) for s in strategies_for(arch, n, opts.strategies) for size in sizes]
     if getattr(opts, "ab", False) and n > 1 and n == max(opts.gpus):
-        jobs += [("Hybrid", size, True) for size in sizes]
-    for strategy, size, legacy in jobs:
-        key = f"{strategy} ({LEGACY})/{size}" if legacy else f"{strategy}/{size}"
+        jobs += [("Hybrid", size, LEGACY) for size in sizes]
+    if getattr(opts, "graphs_ab", False) and kind is DeviceKind.CUDA:
+        jobs += [("Hybrid", size, GRAPHS_OFF) for size in sizes]
+    runs = {None: bench.row, LEGACY: bench.legacy_row, GRAPHS_OFF: bench.graphs_off_row}
+    for strategy, size, variant in jobs:
+        key = f"{strategy} ({variant})/{size}" if variant else f"{strategy}/{size}"
         try:
-            run = bench.legacy_row if legacy else bench.row
-            result["rows"][key] = run(strategy, size, stock_latents.get(size))
+            result["rows"][key] = runs[variant](strategy, size, stock_latents.get(size))
         except ConfigError as e:
             result["rows"][key] = {"skipped": str(e)}
         except Exception as e:  # noqa: BLE001

@@ -74,23 +74,32 @@ def render(report: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+AB_VARIANTS = (
+    ("levers off", "Levers A/B (same pool, same run)", "levers",
+     "*Levers off*: `XDIT_SHARD_TEXT=0 XDIT_FUSED_ULYSSES=0` (text replicated on every rank, yunchang's "
+     "all-to-alls and LSE kernel), the attention path of the first GPU run."),
+    ("graphs off", "CUDA graphs A/B (same pool, same run)", "graphs",
+     "*Graphs off*: `XDIT_CUDA_GRAPHS=off` (every denoiser call launched eagerly, kernel by kernel)."),
+)
+
+
 def _ab_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Same pool, same size: the Hybrid row against its "levers off" twin (text replicated, yunchang)."""
+    """Same pool, same size: each Hybrid row against its A/B twins ("levers off", "graphs off")."""
     on = {(r["model"], r["size"], r["gpus"]): r for r in rows if r.get("strategy") == "Hybrid" and r.get("per_step_ms")}
-    lines = []
-    for r in rows:
-        if r.get("strategy") != "Hybrid (levers off)" or not r.get("per_step_ms"):
-            continue
-        new = on.get((r["model"], r["size"], r["gpus"]))
-        if new:
-            lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']} | {_f(r['per_step_ms'])} | "
-                         f"{_f(new['per_step_ms'])} | {r['per_step_ms'] / new['per_step_ms']:.2f}x |")
-    if not lines:
-        return []
-    return (["## Levers A/B (same pool, same run)", "",
-             "| model | image | GPUs | levers off (ms/step) | levers on (ms/step) | gain |", "|---|---|---|---|---|---|"]
-            + lines + ["", "*Levers off*: `XDIT_SHARD_TEXT=0 XDIT_FUSED_ULYSSES=0` (text replicated on every rank, "
-                       "yunchang's all-to-alls and LSE kernel), the attention path of the first GPU run.", ""])
+    out: list[str] = []
+    for variant, title, what, note in AB_VARIANTS:
+        lines = []
+        for r in rows:
+            if r.get("strategy") != f"Hybrid ({variant})" or not r.get("per_step_ms"):
+                continue
+            new = on.get((r["model"], r["size"], r["gpus"]))
+            if new:
+                lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']} | {_f(r['per_step_ms'])} | "
+                             f"{_f(new['per_step_ms'])} | {r['per_step_ms'] / new['per_step_ms']:.2f}x |")
+        if lines:
+            out += ([f"## {title}", "", f"| model | image | GPUs | {what} off (ms/step) | {what} on (ms/step) | gain |",
+                     "|---|---|---|---|---|---|"] + lines + ["", note, ""])
+    return out
 
 
 def _pool_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:

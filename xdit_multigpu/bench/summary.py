@@ -57,8 +57,17 @@ def _size_rows(name: str, m: dict[str, Any], size: int) -> list[dict[str, Any]]:
                 "setup_ms": row.get("setup_ms"), "attention_paths": _paths(row.get("attention_paths")),
                 "rel_l2_vs_stock": _get(row, "vs_stock", "rel_l2"), "error": row.get("error") or row.get("skipped"),
                 "nccl_ms_per_step": _get(row, "profile_rank0", "nccl_ms_per_step"),
+                "graphs": _graphs(row.get("graphs")),
             })
     return rows
+
+
+def _graphs(g: dict[str, Any] | None) -> str | None:
+    """Rank 0's denoiser calls: "replayed r / eager e" (and why graphs were off, if they were)."""
+    if not g:
+        return None
+    text = f"replayed {g.get('replayed', 0)}, captured {g.get('captured', 0)}, eager {g.get('eager', 0)}"
+    return text + (f" ({g['off_reason']})" if g.get("off_reason") else "")
 
 
 def _e2e(sampling: float | None, vae: float | None) -> float | None:

@@ -82,7 +82,8 @@ class BenchWorker(Worker):
                 out = super().sample(req, progress=timer.callback(progress))
                 timer.finish()
                 self._last = timer.summary()
-        self._last.update(rank=self.rank, t_in=t_in, t_out=time.time(), paths=paths)
+        graphs = self.graph_stats.as_dict() if self.graph_stats is not None else None
+        self._last.update(rank=self.rank, t_in=t_in, t_out=time.time(), paths=paths, graphs=graphs)
         return out
 
     def bench_stats(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import AttentionBackend, DispatcherSpec, ParallelPlan
+from ..config import AttentionBackend, CudaGraphs, DispatcherSpec, ParallelPlan
 from ..errors import WorkerError
 from ..executor.base import ProgressHook
 from ..executor.local import LocalExecutor
@@ -173,6 +173,7 @@ class Engine:
         axes = model_spec.axes if model_spec is not None else frozenset()
         attention = AttentionBackend.from_env()  # a bad value is the user's to fix, not a fallback
         resident_mode()  # XDIT_RESIDENT_WEIGHTS: checked here too, so a bad value fails every request alike
+        graphs = CudaGraphs.from_env()
         plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes)
         if world == 0:
             raise Unavailable("no GPU is visible (gpu_devices is \"all\")")
@@ -195,7 +196,7 @@ class Engine:
             timings["pool_s"] = round(time.perf_counter() - t0, 3)
             if pool.fast_link_group:
                 plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group)
-            plan = dataclasses.replace(plan, attention=attention)
+            plan = dataclasses.replace(plan, attention=attention, graphs=graphs)
             latent = self._run_pool(spec, pool, dataclasses.replace(req, plan=plan), progress)
         timings["sample_s"] = round(time.perf_counter() - t0 - timings["pool_s"], 3)
         log.info("xDiT: %s (%s) in %.1f s", plan.describe(), plan.reason, timings["sample_s"])

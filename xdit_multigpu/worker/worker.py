@@ -55,6 +55,7 @@ class Worker:
         self._groups: dict[tuple[int, int, int], Any] = {}
         self._deltas = DeltaCache()  # the loaded model with the request's modifications (LoRA, ...)
         self._loaded_plain = False  # True when load_model loaded the plain file (deltas apply on top)
+        self.graph_stats: Any = None  # worker.graphs.GraphStats of the last request (GPU ranks), or None
 
     @classmethod
     def from_patcher(cls, patcher: Any) -> Worker:
@@ -146,6 +147,10 @@ class Worker:
             if self.spec is None:
                 raise RuntimeError(f"{type(self.patcher.model.model_config).__name__} has no ModelSpec to parallelize")
             patcher = parallelize(patcher, self.spec, plan, self._groups_for(plan))
+        if self.backend == "nccl":  # CUDA graphs: GPU ranks only (innermost wrapper, after parallelize's)
+            from .graphs import install
+
+            patcher, self.graph_stats = install(patcher, plan.graphs)
         out = comfy_runtime.run_sampler(patcher, req, callback=comfy_runtime.progress_callback(progress))
         return out.cpu() if self.rank == 0 else None
 

@@ -1,0 +1,109 @@
+"""The CUDA-graph wrapper inside ComfyUI's real sampler (tiny models, CPU stand-in backend).
+
+``ReplayBackend`` replays a "graph" by running the captured call again on the captured input tensors,
+so these tests prove what the CPU can: every denoiser call after the first two is served from the
+captured inputs with the step's values copied in, and the latent equals eager sampling exactly.
+Real ``torch.cuda.graph`` capture is compared with eager sampling in the GPU tier
+(tests/gpu/test_graphs_bf16.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+
+def _request(tiny, sampler: str, cfg: float, steps: int = 4):
+    import comfy.sample
+
+    from xdit_multigpu.engine.request import SampleRequest
+    from xdit_multigpu.testing.tiny_models import conditioning_for, empty_latent
+
+    side = max(256, 8 * tiny.min_latent)
+    latent = empty_latent(tiny, side, side)["samples"]
+    return SampleRequest(noise=comfy.sample.prepare_noise(latent, 7), latent_image=latent,
+                         positive=conditioning_for(tiny, seed=1, width=side, height=side),
+                         negative=conditioning_for(tiny, seed=2, width=side, height=side),
+                         seed=7, steps=steps, cfg=cfg, sampler_name=sampler, scheduler="simple")
+
+
+def _patcher(tiny):
+    from xdit_multigpu.config import LoaderKind, LoadSpec
+    from xdit_multigpu.worker import comfy_runtime
+
+    return comfy_runtime.load_diffusion_model(
+        LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, tiny.path, unet_config_json=tiny.unet_config_json))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart_sigma", "sdxl"])
+@pytest.mark.parametrize("sampler,cfg", [("euler", 1.0), ("dpmpp_2m", 3.0)])
+def test_replayed_sampling_equals_eager(tiny_models, family, sampler, cfg):
+    import torch
+
+    from xdit_multigpu.config import CudaGraphs
+    from xdit_multigpu.testing.graph_backend import ReplayBackend
+    from xdit_multigpu.worker import comfy_runtime
+    from xdit_multigpu.worker.graphs import install
+
+    tiny = tiny_models[family]
+    patcher, req = _patcher(tiny), _request(tiny, sampler, cfg)
+    eager = comfy_runtime.run_sampler(patcher, req)
+    clone, stats = install(patcher, CudaGraphs.AUTO, ReplayBackend())
+    graphed = comfy_runtime.run_sampler(clone, req)
+    assert stats.off_reason is None and stats.captured >= 1, stats
+    assert stats.replayed >= req.steps - 2, stats  # one call per step at least; first two: warm-up, capture
+    assert torch.equal(graphed, eager), (graphed - eager).abs().max()
+
+
+def test_stale_inputs_would_be_caught(tiny_models, monkeypatch):
+    """Negative control: a replay that skips copying the step's values gives a different latent."""
+    import torch
+
+    from xdit_multigpu.config import CudaGraphs
+    from xdit_multigpu.testing.graph_backend import ReplayBackend
+    from xdit_multigpu.worker import comfy_runtime, graphs
+
+    tiny = tiny_models["flux"]
+    patcher, req = _patcher(tiny), _request(tiny, "euler", 1.0, steps=5)
+    eager = comfy_runtime.run_sampler(patcher, req)
+
+    def stale_replay(self, tensors):
+        self.graph.replay()
+        return self.output.clone()
+
+    monkeypatch.setattr(graphs._Graph, "replay", stale_replay)
+    clone, stats = graphs.install(patcher, CudaGraphs.AUTO, ReplayBackend())
+    graphed = comfy_runtime.run_sampler(clone, req)
+    assert stats.replayed >= 2 and not torch.equal(graphed, eager)
+
+
+def test_other_nodes_code_keeps_auto_eager_and_on_replays_it(tiny_models):
+    import comfy.patcher_extension
+    import torch
+
+    from xdit_multigpu.config import CudaGraphs
+    from xdit_multigpu.testing.graph_backend import ReplayBackend
+    from xdit_multigpu.worker import comfy_runtime
+    from xdit_multigpu.worker.graphs import install
+
+    tiny = tiny_models["sd3"]
+    patcher, req = _patcher(tiny), _request(tiny, "euler", 3.0)
+    eager = comfy_runtime.run_sampler(patcher, req)
+    calls = []
+
+    def other_node_wrapper(executor, *args, **kwargs):  # e.g. another custom node's APPLY_MODEL wrapper
+        calls.append(1)
+        return executor(*args, **kwargs)
+
+    other = patcher.clone()
+    other.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_node", other_node_wrapper)
+    auto, stats = install(other, CudaGraphs.AUTO, ReplayBackend())
+    assert torch.equal(comfy_runtime.run_sampler(auto, req), eager)
+    assert stats.captured == 0 and "other_node_wrapper" in stats.off_reason
+    forced, stats = install(other, CudaGraphs.ON, ReplayBackend())
+    assert torch.equal(comfy_runtime.run_sampler(forced, req), eager)
+    assert stats.replayed >= 2 and len(calls) == 2 * req.steps  # outer wrapper still runs every call, eagerly
+    object_patched = patcher.clone()
+    object_patched.add_object_patch("diffusion_model.some_forward", lambda *a: a)
+    assert "object patch" in install(object_patched, CudaGraphs.AUTO, ReplayBackend())[1].off_reason
