@@ -168,3 +168,14 @@ def test_env_value_is_validated(monkeypatch):
     monkeypatch.setenv("XDIT_CUDA_GRAPHS", "sometimes")
     with pytest.raises(ConfigError, match="XDIT_CUDA_GRAPHS"):
         CudaGraphs.from_env()
+
+
+def test_conds_go_to_the_graph_device_up_front():
+    x = torch.zeros(1, 2, device="meta")
+    ctx, y, sig = torch.ones(1, 3), torch.ones(1, 4), torch.ones(1)
+    options = {"sample_sigmas": sig}
+    args, kwargs = graphs.inputs_to_device((x, torch.ones(1), None, ctx, None, options),
+                                           {"y": y, "ref": [y], "transformer_options": options, "n": 3}, x.device)
+    assert args[0] is x and args[1].is_meta and args[2] is None and args[3].is_meta and args[5] is options
+    assert kwargs["y"].is_meta and kwargs["ref"][0].is_meta and kwargs["n"] == 3
+    assert kwargs["transformer_options"]["sample_sigmas"] is sig  # left where it is

@@ -49,10 +49,11 @@ class GraphStats:
     replayed: int = 0
     off_reason: str | None = None  # why graphs were not used (for the whole request), if so
     failed: list[str] = field(default_factory=list)  # capture errors, one per signature
+    last_miss: str | None = None  # how the last new signature differed from the previous one (diagnostics)
 
     def as_dict(self) -> dict[str, Any]:
         return {"eager": self.eager, "captured": self.captured, "replayed": self.replayed,
-                "off_reason": self.off_reason, "failed": list(self.failed)}
+                "off_reason": self.off_reason, "failed": list(self.failed), "last_miss": self.last_miss}
 
 
 # -- the argument tree ---------------------------------------------------------------------------------
@@ -97,6 +98,38 @@ def rebuild(obj: Any, tensors: Any, device_type: str = "cuda") -> Any:
     if type(obj) is tuple:
         return tuple(rebuild(v, tensors, device_type) for v in obj)
     return obj
+
+
+def _first_difference(old: tuple[Any, ...], new: tuple[Any, ...]) -> str:
+    """Where two signatures part (the entry before it names the argument), for the "why no replay" log."""
+    if len(old) != len(new):
+        return f"{len(old)} -> {len(new)} entries"
+    for i, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return f"entry {i} after {new[i - 1]!r}: {a!r} -> {b!r}"[:300] if i else f"entry 0: {a!r} -> {b!r}"[:300]
+    return "equal"
+
+
+def inputs_to_device(args: tuple[Any, ...], kwargs: dict[str, Any], device: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's conds on ``device`` up front: ComfyUI hands ``apply_model`` the text context (and other
+    conds) on the CPU and copies them to the device inside ``_apply_model`` (``cast_to_device`` /
+    ``convert_tensor``), a new CPU tensor every step. Inside a graph that copy would read the captured
+    step's CPU tensor forever; copied here, the graph reads device inputs that are refreshed every call.
+    Same values: ``_apply_model`` casts the device copy exactly as it cast the CPU tensor.
+    ``transformer_options`` and ``control`` are left as they are (code may expect them where they are).
+    """
+    import torch
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.device != device:
+            return v.to(device)
+        if type(v) is list:
+            return [move(e) for e in v]
+        return v
+
+    head = tuple(move(a) if i < 4 else a for i, a in enumerate(args))  # x, t, c_concat, c_crossattn
+    rest = {k: v if k in ("transformer_options", "control") else move(v) for k, v in kwargs.items()}
+    return head, rest
 
 
 # -- what runs inside the call ---------------------------------------------------------------------------
@@ -181,6 +214,7 @@ class GraphedApplyModel:
         why = self._eager_reason(executor, args, kwargs)
         if why is not None:
             return self._eager(executor, args, kwargs, why)
+        args, kwargs = inputs_to_device(args, kwargs, args[0].device)
         tensors: list[Any] = []
         sig: list[Any] = []
         flatten((args, kwargs), tensors, sig, self.backend.device_type)
@@ -190,6 +224,8 @@ class GraphedApplyModel:
             self.stats.replayed += 1
             return graph.replay(tensors)
         seen = self._calls.get(key, 0)
+        if seen == 0 and self._calls:
+            self.stats.last_miss = _first_difference(next(reversed(self._calls)), key)
         self._calls[key] = seen + 1
         if key in self._graphs or seen == 0:  # failed before, or the warm-up call of this signature
             return self._eager(executor, args, kwargs, None)
