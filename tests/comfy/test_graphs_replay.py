@@ -107,3 +107,23 @@ def test_other_nodes_code_keeps_auto_eager_and_on_replays_it(tiny_models):
     object_patched = patcher.clone()
     object_patched.add_object_patch("diffusion_model.some_forward", lambda *a: a)
     assert "object patch" in install(object_patched, CudaGraphs.AUTO, ReplayBackend())[1].off_reason
+
+
+def test_auto_only_for_families_verified_on_gpus(tiny_models):
+    import torch
+
+    from xdit_multigpu.config import CudaGraphs
+    from xdit_multigpu.models import lookup
+    from xdit_multigpu.testing.graph_backend import ReplayBackend
+    from xdit_multigpu.worker import comfy_runtime
+    from xdit_multigpu.worker.graphs import install
+
+    tiny = tiny_models["hunyuan_dit"]
+    family = lookup(tiny.config_class)
+    assert not family.cuda_graphs and lookup("Flux").cuda_graphs
+    patcher, req = _patcher(tiny), _request(tiny, "euler", 3.0)
+    same, stats = install(patcher, CudaGraphs.AUTO, ReplayBackend(), family=family)
+    assert same is patcher and "not yet verified" in stats.off_reason
+    forced, stats = install(patcher, CudaGraphs.ON, ReplayBackend(), family=family)
+    assert torch.equal(comfy_runtime.run_sampler(forced, req), comfy_runtime.run_sampler(patcher, req))
+    assert stats.replayed >= req.steps - 2

@@ -56,6 +56,7 @@ def _unet_heads(cfg: Mapping[str, Any]) -> int:
 FLUX = register(
     ModelSpec(
         name="flux",
+        cuda_graphs=True,  # GPU: graphed == eager, bit for bit (benchmarks.md)
         display="Flux.1 (dev / schnell)",
         config_classes=("Flux", "FluxSchnell", "FluxInpaint"),
         axes=_SP,
@@ -69,6 +70,7 @@ FLUX = register(
 SD3 = register(
     ModelSpec(
         name="sd3",
+        cuda_graphs=True,  # GPU: graphed == eager, bit for bit (benchmarks.md)
         display="SD3 / SD3.5 (Medium, Large, MMDiT-X)",
         config_classes=("SD3",),
         axes=_SP,
@@ -82,6 +84,7 @@ SD3 = register(
 SDXL = register(
     ModelSpec(
         name="sdxl",
+        cuda_graphs=True,  # GPU: graphed == eager, bit for bit (benchmarks.md)
         display="SDXL",
         config_classes=("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"),
         axes=_CFG_ONLY,
@@ -94,6 +97,7 @@ SDXL = register(
 PIXART = register(
     ModelSpec(
         name="pixart",
+        cuda_graphs=True,  # GPU: graphed == eager, bit for bit (benchmarks.md)
         display="PixArt-α / PixArt-Σ",
         config_classes=("PixArtAlpha", "PixArtSigma"),
         axes=_SP,

@@ -14,12 +14,13 @@ END = "<!-- support-matrix:end -->"
 
 def render() -> str:
     rows = [
-        "| family | CFG parallel | Ulysses | Ring | hook | notes |",
-        "|---|---|---|---|---|---|",
+        "| family | CFG parallel | Ulysses | Ring | CUDA graphs (auto) | hook | notes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for spec in all_specs():
         marks = ["yes" if spec.supports(a) else "no" for a in (Axis.CFG, Axis.ULYSSES, Axis.RING)]
-        rows.append(f"| {spec.display} | {' | '.join(marks)} | {spec.hook} | {spec.notes} |")
+        graphs = "yes" if spec.cuda_graphs else "on request"
+        rows.append(f"| {spec.display} | {' | '.join(marks)} | {graphs} | {spec.hook} | {spec.notes} |")
     return "\n".join([BEGIN, *rows, END])
 
 

@@ -47,6 +47,9 @@ class ModelSpec:
     # ControlNet under sequence parallel: residual lists indexed per block and added to the image rows
     # [0, n) of the stream (see parallel/control.py). False: ControlNet is refused with SP.
     control_residuals: bool = False
+    # XDIT_CUDA_GRAPHS=auto replays CUDA graphs for this family: set once a GPU run showed the graphed
+    # latent equal to the eager one (tests/gpu/test_graphs_bf16.py). False: eager unless "on".
+    cuda_graphs: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def supports(self, axis: Axis) -> bool:

@@ -274,16 +274,20 @@ class GraphedApplyModel:
         return self._graphs[key].replay(tensors)
 
 
-def install(patcher: Any, mode: CudaGraphs, backend: Any = None) -> tuple[Any, GraphStats | None]:
+def install(patcher: Any, mode: CudaGraphs, backend: Any = None, family: Any = None) -> tuple[Any, GraphStats | None]:
     """A clone of ``patcher`` with the graph wrapper innermost (``mode`` OFF: ``patcher`` unchanged).
 
-    AUTO skips graphs up front when another node's object patch or hook patches are on the model.
+    AUTO skips graphs up front for a family not yet verified on GPUs (``family``: its ``ModelSpec``,
+    ``cuda_graphs``) and when another node's object patch or hook patches are on the model.
     """
     import comfy.patcher_extension  # noqa: PLC0415  (the package imports without ComfyUI)
 
     if mode is CudaGraphs.OFF:
         return patcher, None
     stats_only = GraphStats()
+    if mode is CudaGraphs.AUTO and family is not None and not getattr(family, "cuda_graphs", False):
+        stats_only.off_reason = f"not yet verified on GPUs for {family.display}; XDIT_CUDA_GRAPHS=on replays it anyway"
+        return patcher, stats_only
     if mode is CudaGraphs.AUTO:
         foreign = foreign_object_patches(getattr(patcher, "object_patches", {}) or {})
         if foreign is None and getattr(patcher, "hook_patches", None):

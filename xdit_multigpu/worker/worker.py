@@ -150,7 +150,7 @@ class Worker:
         if self.backend == "nccl":  # CUDA graphs: GPU ranks only (innermost wrapper, after parallelize's)
             from .graphs import install
 
-            patcher, self.graph_stats = install(patcher, plan.graphs)
+            patcher, self.graph_stats = install(patcher, plan.graphs, family=self.spec)
         out = comfy_runtime.run_sampler(patcher, req, callback=comfy_runtime.progress_callback(progress))
         return out.cpu() if self.rank == 0 else None
 
