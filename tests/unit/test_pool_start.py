@@ -39,11 +39,14 @@ FLUX = 23_800_000_000  # Flux.1-dev bf16 file
         (None, H100, None, ON, True, "XDIT_RESIDENT_WEIGHTS=on"),
         (10**12, H100, {}, ON, True, "XDIT_RESIDENT_WEIGHTS=on"),  # "on" skips the size check
         (None, H100, {}, AUTO, False, "model file size unknown on the driver's node"),
-        (FLUX, H100, {}, AUTO, True, "23.8 GB file fits 60% of the GPU's 85.0 GB (85.0 GB free)"),
+        (FLUX, H100, {}, AUTO, True, "23.8 GB file, twice for a LoRA's backup, fits 75% of the GPU's 85.0 GB (85.0 GB free)"),
         (FLUX, (24_000_000_000, 24_000_000_000), {}, AUTO, False,
-         "23.8 GB file does not fit 60% of the GPU's 24.0 GB (24.0 GB free)"),
+         "23.8 GB file, twice for a LoRA's backup, does not fit 75% of the GPU's 24.0 GB (24.0 GB free)"),
+        # Flux fp8 (11.9 GB) on a 24 GB card: it fits alone, not with a LoRA's backup beside it -> RAM
+        (11_900_000_000, (24_000_000_000, 24_000_000_000), {}, AUTO, False,
+         "11.9 GB file, twice for a LoRA's backup, does not fit 75% of the GPU's 24.0 GB (24.0 GB free)"),
         # the host process's own --cpu is a device flag (the benchmark driver sets it): no VRAM choice
-        (FLUX, H100, {"cpu": True}, AUTO, True, "23.8 GB file fits 60% of the GPU's 85.0 GB (85.0 GB free)"),
+        (FLUX, H100, {"cpu": True}, AUTO, True, "23.8 GB file, twice for a LoRA's backup, fits 75% of the GPU's 85.0 GB (85.0 GB free)"),
     ],
 )
 def test_decide_every_branch(file_bytes, gpu, host, mode, resident_, reason):
@@ -52,12 +55,12 @@ def test_decide_every_branch(file_bytes, gpu, host, mode, resident_, reason):
 
 def test_auto_threshold_is_the_fraction_of_the_gpu_and_counts_memory_others_use():
     total = 100_000
-    assert decide(60_000, (total, total), {}, AUTO).resident  # exactly 0.6 x total
-    assert not decide(60_001, (total, total), {}, AUTO).resident
-    assert decide(50_000, (total, total), {}, AUTO, fraction=0.5).resident
-    # Another process holds 30 % of the card: the weights plus the 40 % headroom must fit what is free.
-    assert decide(30_000, (70_000, total), {}, AUTO).resident
-    assert not decide(30_001, (70_000, total), {}, AUTO).resident
+    assert decide(37_500, (total, total), {}, AUTO).resident  # exactly 2 x file = 0.75 x total
+    assert not decide(37_501, (total, total), {}, AUTO).resident
+    assert decide(25_000, (total, total), {}, AUTO, fraction=0.5).resident
+    # Another process holds 30 % of the card: twice the weights plus the 25 % headroom must fit what is free.
+    assert decide(22_500, (70_000, total), {}, AUTO).resident
+    assert not decide(22_501, (70_000, total), {}, AUTO).resident
 
 
 # --- applying it: the flags a worker imports ComfyUI with ---------------------------------------------
@@ -258,10 +261,10 @@ def test_report_shows_phases_and_renders_old_json_as_before():
     new["models"]["flux-dev"]["engine"]["4"]["pool_start_phases"] = {
         "cluster_s": 0.1, "actors_s": 2.5, "init_s": 8.0, "load_s": 7.0, "import_s": [6.0, 6.5, 6.1, 6.2],
         "pg_s": [0.4, 0.3, 0.3, 0.3], "rank_load_s": [6.8, 6.9, 6.7, 6.8], "resident": True,
-        "resident_reason": "23.8 GB file fits 60% of the GPU's 85.0 GB (85.0 GB free)"}
+        "resident_reason": "23.8 GB file, twice for a LoRA's backup, fits 75% of the GPU's 85.0 GB (85.0 GB free)"}
     new["summary"] = summarize(new)
     assert problems(new) == []
     md = render(new, {})
     assert md.replace(md[md.index("### Pool start phases"):md.index("## Side by side")], "") == before
-    assert ("| flux-dev | 4 | 38.0 | 0.1 | 2.5 | 8.0 | 6.5 | 0.4 | 7.0 | 6.9 | GPU (23.8 GB file fits 60% of the "
-            "GPU's 85.0 GB (85.0 GB free)) |") in md
+    assert ("| flux-dev | 4 | 38.0 | 0.1 | 2.5 | 8.0 | 6.5 | 0.4 | 7.0 | 6.9 | GPU (23.8 GB file, twice for a LoRA's "
+            "backup, fits 75% of the GPU's 85.0 GB (85.0 GB free)) |") in md

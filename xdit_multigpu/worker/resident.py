@@ -21,8 +21,12 @@ from typing import Any
 from ..config import ResidentWeights
 
 # Share of the GPU the weights may take; the rest stays for activations, attention workspaces and
-# CUDA graphs. A LoRA also needs room here: ComfyUI keeps each patched weight's original beside it.
-RESIDENT_FRACTION = 0.6
+# CUDA graphs. The weights are counted twice: with a LoRA, ComfyUI keeps each patched weight's original
+# on the offload device, which resident makes the GPU (ModelPatcher.patch_weight_to_device backup), so
+# a 12 GB Flux fp8 on a 24 GB card stays in system RAM, as ComfyUI would keep it, instead of running
+# out of memory at the first LoRA.
+RESIDENT_FRACTION = 0.75
+BACKUP_FACTOR = 2
 # The host's VRAM choices win over ours; the first group already means resident (copied to workers).
 HOST_RESIDENT_FLAGS = ("gpu_only", "highvram")
 HOST_OFFLOAD_FLAGS = ("lowvram", "novram", "normalvram", "disable_smart_memory")
@@ -58,8 +62,9 @@ def decide(
     worker's GPU before anything is loaded (None: a CPU rank). ``host_flags``: the host ComfyUI's
     flags (``vars(comfy.cli_args.args)``, None: unknown). Order: a CPU rank is never resident; a host
     VRAM flag wins (``--highvram``/``--gpu-only`` are copied to the workers, so resident; ``--lowvram``
-    and the like keep RAM); then ``mode`` off/on; ``auto`` is resident iff the file plus the headroom
-    ``(1 - fraction) * total`` fits the free memory (on an idle GPU: ``file <= fraction * total``).
+    and the like keep RAM); then ``mode`` off/on; ``auto`` is resident iff the weights and a LoRA's
+    backup of them (``BACKUP_FACTOR * file``) plus the headroom ``(1 - fraction) * total`` fit the free
+    memory (on an idle GPU: ``2 * file <= fraction * total``).
     """
     if gpu is None:
         return ResidentDecision(False, "CPU rank")
@@ -77,11 +82,12 @@ def decide(
         return ResidentDecision(False, "model file size unknown on the driver's node")
     free, total = gpu
     budget = free - (1.0 - fraction) * total  # what is left once the headroom is set aside
-    fits = file_bytes <= budget
+    need = BACKUP_FACTOR * file_bytes
+    fits = need <= budget
     return ResidentDecision(
         fits,
-        f"{file_bytes / GB:.1f} GB file {'fits' if fits else 'does not fit'} {fraction:.0%} of the GPU's "
-        f"{total / GB:.1f} GB ({free / GB:.1f} GB free)",
+        f"{file_bytes / GB:.1f} GB file, twice for a LoRA's backup, {'fits' if fits else 'does not fit'} "
+        f"{fraction:.0%} of the GPU's {total / GB:.1f} GB ({free / GB:.1f} GB free)",
     )
 
 
