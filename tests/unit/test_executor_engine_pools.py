@@ -128,6 +128,26 @@ def test_unhealthy_pool_is_rebuilt_before_use():
     assert out.fallback_reason is None and f.pools[0].closed and len(f.pools) == 2
 
 
+def test_a_pool_that_answered_a_moment_ago_is_not_pinged(monkeypatch):
+    import xdit_multigpu.engine.engine as engine_mod
+
+    now = [100.0]
+    monkeypatch.setattr(engine_mod.time, "monotonic", lambda: now[0])
+    pings = []
+    f = Factory()
+    eng = Engine(T, f)
+    eng.sample(spec(cuda(0, 1)), REQ, SD3, 24, True, "MODEL")
+    pool = f.pools[0]
+    pool.check_health = lambda timeout: pings.append(timeout)
+    pool.last_ok = now[0]  # a real WorkerPool sets it after every call that every rank answered
+    now[0] += T.health_fresh_s - 0.1
+    eng.sample(spec(cuda(0, 1)), REQ, SD3, 24, True, "MODEL")
+    assert pings == []
+    now[0] += 0.2  # idle longer than health_fresh_s: ping first
+    eng.sample(spec(cuda(0, 1)), REQ, SD3, 24, True, "MODEL")
+    assert pings == [T.health_s] and len(f.pools) == 1
+
+
 def test_interrupt_is_raised_not_turned_into_a_fallback():
     from xdit_multigpu.executor.ray_executor import WorkerInterrupted
 

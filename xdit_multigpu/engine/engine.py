@@ -92,6 +92,8 @@ class Engine:
             log.info("xDiT: the pool on these devices changed (model file or devices); stopping the old one")
             old.shutdown()
         if pool is not None:
+            if time.monotonic() - getattr(pool, "last_ok", float("-inf")) < self.timeouts.health_fresh_s:
+                return pool  # it answered a moment ago: skip the ping's round trip
             try:
                 pool.check_health(self.timeouts.health_s)
                 return pool

@@ -43,6 +43,9 @@ class Timeouts:
     sample_s: float = 3600.0  # XDIT_SAMPLE_TIMEOUT_S: one sampling call (all steps)
     collective_s: float = 600.0  # XDIT_COLLECTIVE_TIMEOUT_S: torch.distributed group timeout (second line)
     health_s: float = 30.0  # XDIT_HEALTH_TIMEOUT_S: ping before reusing a pool
+    # No ping when the pool answered a call this recently (back-to-back requests: a ping is a round trip
+    # to every rank, a few ms of each request's dispatch); a rank that died since fails the call itself.
+    health_fresh_s: float = 5.0
 
     @classmethod
     def from_env(cls) -> Timeouts:
@@ -144,6 +147,7 @@ class WorkerPool:
         self.start_phases = start_phases  # where start_s went (None: a pool not built by ``start``)
         self.fast_link_group: int | None = getattr(executor, "fast_link_group", None)
         self.weights_key = ""  # the last model-delta weights sent; every worker holds them (sent once per change)
+        self.last_ok = time.monotonic()  # when every rank last answered a call (start, sample, ping)
 
     @classmethod
     def start(cls, spec: DispatcherSpec, timeouts: Timeouts, worker_cls: str | type | None = None) -> WorkerPool:
@@ -197,6 +201,7 @@ class WorkerPool:
         results = self.executor.collective_rpc("sample", (req,), timeout=timeout, on_progress=on_progress)
         if delta is not None and delta.weights_key:
             self.weights_key = delta.weights_key
+        self.last_ok = time.monotonic()
         latent = results[0]
         if latent is None:
             raise WorkerError("sample: rank 0 returned no latent")
@@ -204,6 +209,7 @@ class WorkerPool:
 
     def check_health(self, timeout: float) -> None:
         self.executor.check_health(timeout)
+        self.last_ok = time.monotonic()
 
     def shutdown(self) -> None:
         self.executor.shutdown()
