@@ -33,8 +33,13 @@ def _has(obj: Any, *needles: str) -> None:
     src, pos = _source(obj), 0
     for needle in needles:
         at = src.find(_squash(needle), pos)
-        assert at >= 0, f"{obj.__module__}.{obj.__qualname__} no longer contains {needle!r} (after the previous pins)"
+        assert at >= 0, f"{_name(obj)} no longer contains {needle!r} (after the previous pins)"
         pos = at
+
+
+def _name(obj: Any) -> str:
+    """``module.qualname`` of a function / class, or a module's own name (pins read modules too)."""
+    return obj.__name__ if inspect.ismodule(obj) else f"{obj.__module__}.{obj.__qualname__}"
 
 
 def _params(fn: Callable[..., Any]) -> list[str]:

@@ -5,30 +5,11 @@ source checks compare with all whitespace removed, so reformatting passes and a 
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 
+from tests.comfy.test_host_pins import _has, _params
+
 pytestmark = pytest.mark.comfy
-
-
-def _squash(text: str) -> str:
-    return "".join(text.split())
-
-
-def _has(obj: Any, *needles: str) -> None:
-    """Every needle occurs in ``obj``'s source (whitespace-insensitive), in the given order."""
-    src, pos = _squash(inspect.getsource(obj)), 0
-    for needle in needles:
-        at = src.find(_squash(needle), pos)
-        assert at >= 0, f"{obj.__module__}.{obj.__qualname__} no longer contains {needle!r} (after the previous pins)"
-        pos = at
-
-
-def _params(fn: Callable[..., Any]) -> list[str]:
-    return list(inspect.signature(fn).parameters)
 
 
 def test_config_classes(comfy_root: str) -> None:

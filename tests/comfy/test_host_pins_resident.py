@@ -11,27 +11,12 @@ Source checks compare with all whitespace removed, like ``test_host_pins.py``.
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 import pytest
 
+from tests.comfy.test_host_pins import _has
 from xdit_multigpu.worker.resident import HOST_OFFLOAD_FLAGS, HOST_RESIDENT_FLAGS
 
 pytestmark = pytest.mark.comfy
-
-
-def _squash(text: str) -> str:
-    return "".join(text.split())
-
-
-def _has(obj: Any, *needles: str) -> None:
-    """Every needle occurs in ``obj``'s source (whitespace-insensitive), in the given order."""
-    src, pos = _squash(inspect.getsource(obj)), 0
-    for needle in needles:
-        at = src.find(_squash(needle), pos)
-        assert at >= 0, f"{getattr(obj, '__qualname__', obj.__name__)} no longer contains {needle!r}"
-        pos = at
 
 
 def test_flags_exist_on_comfys_args(comfy_root: str) -> None:
