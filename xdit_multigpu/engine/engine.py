@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import AttentionBackend, CudaGraphs, DispatcherSpec, ParallelPlan
+from ..config import AttentionBackend, CudaGraphs, DispatcherSpec, ParallelPlan, ResidentWeights
 from ..errors import WorkerError
 from ..executor.base import ProgressHook
 from ..executor.local import LocalExecutor
 from ..executor.ray_executor import WorkerInterrupted
 from . import planner
 from .model_delta import ModelDelta
-from .pool import Timeouts, WorkerPool, resident_mode
+from .pool import Timeouts, WorkerPool
 from .request import SampleRequest
 
 log = logging.getLogger("xdit_multigpu.engine")
@@ -174,7 +174,7 @@ class Engine:
         world = spec.devices.world_size
         axes = model_spec.axes if model_spec is not None else frozenset()
         attention = AttentionBackend.from_env()  # a bad value is the user's to fix, not a fallback
-        resident_mode()  # XDIT_RESIDENT_WEIGHTS: checked here too, so a bad value fails every request alike
+        ResidentWeights.from_env()  # checked here too, so a bad value fails every request alike
         graphs = CudaGraphs.from_env()
         plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes)
         if world == 0:

@@ -58,11 +58,6 @@ class Timeouts:
         )
 
 
-def resident_mode() -> ResidentWeights:
-    """``XDIT_RESIDENT_WEIGHTS`` (auto / on / off); a bad value is a ConfigError naming the variable."""
-    return ResidentWeights.from_env()
-
-
 def _file_bytes(path: str) -> int | None:
     """The model file's size when it is on this node (None: the workers' node has its own copy)."""
     try:
@@ -157,7 +152,7 @@ class WorkerPool:
         from ..executor.cluster import ensure_cluster
         from ..executor.ray_executor import DEFAULT_WORKER, RayExecutor
 
-        mode = resident_mode()
+        mode = ResidentWeights.from_env()  # a bad value: ConfigError naming the variable, before any actor
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeouts.start_s
 
