@@ -20,26 +20,28 @@ def _attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshap
     return out.transpose(1, 2).reshape(b, s, h * d)
 
 
-def fused_rank(rank: int, world: int, _: Any) -> dict[str, float]:
+def fused_rank(rank: int, world: int, chunks: tuple[int, ...] | None) -> dict[str, Any]:
+    """``FusedUlysses`` with each of ``chunks`` (head chunks per call) vs full attention, both layouts."""
     import torch
     import torch.distributed as dist
 
     from xdit_multigpu.parallel.ulysses import FusedUlysses
 
     gen = torch.Generator().manual_seed(5)
-    b, h, s, d = 2, 4, 6 * world, 8
+    b, h, s, d = 2, 12, 6 * world, 8
     q, k, v = (torch.randn(b, h, s, d, generator=gen) for _ in range(3))
     ref = _attention(q, k, v, h, skip_reshape=True, skip_output_reshape=True)
     rows = slice(rank * 6, rank * 6 + 6)
-    fused = FusedUlysses(dist.group.WORLD, world)
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     local = [t[:, :, rows] for t in (q, k, v)]
-    got = fused(_attention, *local, h, True, True, {})
-    out["bhsd"] = float((got - ref[:, :, rows]).abs().max())
     flat = [t.transpose(1, 2).reshape(b, s, h * d)[:, rows] for t in (q, k, v)]
-    got2 = fused(_attention, *flat, h, False, False, {})
-    out["bsd"] = float((got2 - ref.transpose(1, 2).reshape(b, s, h * d)[:, rows]).abs().max())
-    out["calls"] = fused.calls
+    for c in chunks or (0,):
+        fused = FusedUlysses(dist.group.WORLD, world, c)
+        got = fused(_attention, *local, h, True, True, {})
+        got2 = fused(_attention, *flat, h, False, False, {})
+        out[c] = {"bhsd": float((got - ref[:, :, rows]).abs().max()),
+                  "bsd": float((got2 - ref.transpose(1, 2).reshape(b, s, h * d)[:, rows]).abs().max()),
+                  "calls": fused.calls, "chunks": fused.last_chunks, "bhsd_out": got.numpy(), "bsd_out": got2.numpy()}
     return out
 
 

@@ -26,7 +26,7 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     out, models = tmp_path / "bench", tmp_path / "models"
     env = {**os.environ, "COMFYUI_PATH": comfy_root, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "xdit_multigpu.bench", "--out", str(out), "--cpu-selfcheck",
-                        "--model-dir", str(models)], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=540)
+                        "--model-dir", str(models), "--chunks-ab", "2"], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stderr[-4000:]
     with open(out / "bench.json") as f:
         report = json.load(f)
@@ -41,6 +41,9 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     lp = legacy["attention_paths"]
     assert lp["usp"] > 0 and lp["fused"] == 0 and lp["text_replicated"] > 0 and lp["text_sharded"] == 0
     assert legacy["vs_stock"]["rel_l2"] < 1e-4
+    chunked = report["models"]["tiny-flux"]["engine"]["2"]["rows"]["Hybrid (chunks 2)/128"]  # overlap A/B row
+    assert chunked["attention_paths"]["fused_chunks"] == 2 and paths.get("fused_chunks", 1) == 1
+    assert chunked["vs_stock"]["rel_l2"] < 1e-4
     phases = report["models"]["tiny-flux"]["engine"]["2"]["pool_start_phases"]  # where the pool start went
     assert phases["resident"] is False and phases["resident_reason"] == "CPU rank"
     assert len(phases["import_s"]) == len(phases["pg_s"]) == len(phases["rank_load_s"]) == 2
@@ -60,4 +63,5 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     assert "| tiny-sd3 | 128² | 2 | Hybrid: cfg 2" in text
     assert "## Levers A/B" in text and "| tiny-flux | 128² | 2 |" in text.split("## Levers A/B")[1]
     assert "| tiny-flux | 2 |" in text.split("### Pool start phases")[1]
+    assert "| tiny-flux | 128² | 2 | 2 |" in text.split("## Ulysses overlap A/B")[1]
     assert (tmp_path / "docs" / "img" / "speedup_tiny-flux.svg").read_text().startswith("<svg")

@@ -25,10 +25,17 @@ TOL = 1e-4
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_fused_ulysses_equals_full_attention(world: int, comfy_root: str) -> None:
-    res = run_ranks(fused_rank, world, None, comfy_root, timeout_s=300)
+    """12 heads: 6 per rank on 2 ranks (chunks 1 / 2 / 3), 3 on 4 ranks (1 / 3; 2 falls back to 1).
+    Pipelined head chunks give the one-chunk result bit for bit (heads are independent)."""
+    chunks = (1, 2, 3)
+    res = run_ranks(fused_rank, world, chunks, comfy_root, timeout_s=300)
     for r in res:
-        assert r["bhsd"] <= 1e-5 and r["bsd"] <= 1e-5, r
-        assert r["calls"] == 2
+        for c in chunks:
+            assert r[c]["bhsd"] <= 1e-5 and r[c]["bsd"] <= 1e-5, (c, r[c]["bhsd"], r[c]["bsd"])
+            assert r[c]["calls"] == 2
+            assert r[c]["chunks"] == (c if (12 // world) % c == 0 else 1)
+            for key in ("bhsd_out", "bsd_out"):
+                assert np.array_equal(r[c][key], r[1][key]), (c, key)
 
 
 @pytest.mark.parametrize("name", ["flux", "sd3"])

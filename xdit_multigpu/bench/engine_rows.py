@@ -23,6 +23,7 @@ BENCH_WORKER = "xdit_multigpu.bench.worker.BenchWorker"
 LEGACY_ENV = {"XDIT_SHARD_TEXT": "0", "XDIT_FUSED_ULYSSES": "0"}  # the first GPU run's attention path
 LEGACY = "levers off"
 GRAPHS_OFF = "graphs off"  # the same row with XDIT_CUDA_GRAPHS=off (read by the engine in this process)
+CHUNKS = "chunks "  # + N: the same row with XDIT_ULYSSES_CHUNKS=N in the workers (fused Ulysses overlap A/B)
 
 
 def make_engine() -> Any:
@@ -111,8 +112,12 @@ class EngineBench:
 
     def legacy_row(self, strategy: str, size: int, stock_latent: Any) -> dict[str, Any]:
         """The same row with the parallel-path levers off (text replicated, yunchang's all-to-alls)."""
+        return self.env_row(strategy, size, stock_latent, LEGACY_ENV)
+
+    def env_row(self, strategy: str, size: int, stock_latent: Any, env: dict[str, str]) -> dict[str, Any]:
+        """The same row with ``env`` set in every worker (``parallel/tuning.py`` switches, read per request)."""
         ex = self._executor()
-        old = ex.collective_rpc("bench_env", (LEGACY_ENV,), timeout=60)[0]
+        old = ex.collective_rpc("bench_env", (env,), timeout=60)[0]
         try:
             return self.row(strategy, size, stock_latent, e2e=False)
         finally:
@@ -164,10 +169,16 @@ def run_model(engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: Devi
         jobs += [("Hybrid", size, LEGACY) for size in sizes]
     if getattr(opts, "graphs_ab", False) and kind is DeviceKind.CUDA:
         jobs += [("Hybrid", size, GRAPHS_OFF) for size in sizes]
+    if n > 1:
+        jobs += [("Hybrid", size, f"{CHUNKS}{c}") for c in getattr(opts, "chunks_ab", None) or () for size in sizes]
     runs = {None: bench.row, LEGACY: bench.legacy_row, GRAPHS_OFF: bench.graphs_off_row}
     for strategy, size, variant in jobs:
         key = f"{strategy} ({variant})/{size}" if variant else f"{strategy}/{size}"
         try:
+            if variant and variant.startswith(CHUNKS):
+                env = {"XDIT_ULYSSES_CHUNKS": variant[len(CHUNKS):]}
+                result["rows"][key] = bench.env_row(strategy, size, stock_latents.get(size), env)
+                continue
             result["rows"][key] = runs[variant](strategy, size, stock_latents.get(size))
         except ConfigError as e:
             result["rows"][key] = {"skipped": str(e)}

@@ -83,10 +83,30 @@ AB_VARIANTS = (
 )
 
 
+def _chunk_lines(rows: list[dict[str, Any]], on: dict[tuple[Any, ...], dict[str, Any]]) -> list[str]:
+    """Fused Ulysses head chunks (``--chunks-ab``): each forced chunk count against the default (auto) row."""
+    lines = []
+    for r in rows:
+        variant = str(r.get("strategy", ""))
+        new = on.get((r.get("model"), r.get("size"), r.get("gpus")))
+        if not variant.startswith("Hybrid (chunks ") or not r.get("per_step_ms") or not new:
+            continue
+        lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']} | {variant[len('Hybrid (chunks '):-1]} | "
+                     f"{_f(r['per_step_ms'])} | {_f(new['per_step_ms'])} ({new.get('attention_paths') or '–'}) | "
+                     f"{r['per_step_ms'] / new['per_step_ms']:.2f}x |")
+    if not lines:
+        return []
+    return (["## Ulysses overlap A/B: head chunks per attention call (same pool, same run)", "",
+             "| model | image | GPUs | forced chunks | forced (ms/step) | default (ms/step, path) | default's gain |",
+             "|---|---|---|---|---|---|---|"] + lines +
+            ["", "*Forced chunks*: `XDIT_ULYSSES_CHUNKS=N` (1: no overlap); *default*: `auto` "
+             "(`parallel/ulysses.chunks_for`).", ""])
+
+
 def _ab_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Same pool, same size: each Hybrid row against its A/B twins ("levers off", "graphs off")."""
+    """Same pool, same size: each Hybrid row against its A/B twins ("levers off", "graphs off", chunks)."""
     on = {(r["model"], r["size"], r["gpus"]): r for r in rows if r.get("strategy") == "Hybrid" and r.get("per_step_ms")}
-    out: list[str] = []
+    out: list[str] = _chunk_lines(rows, on)
     for variant, title, what, note in AB_VARIANTS:
         lines = []
         for r in rows:

@@ -86,6 +86,8 @@ def _paths(p: dict[str, Any] | None) -> str | None:
     if not p:
         return None
     parts = [f"{k} {p[k]}" for k in ("fused", "usp", "fallback") if p.get(k)]
+    if p.get("fused") and p.get("fused_chunks", 1) > 1:
+        parts[0] += f" (head chunks {p['fused_chunks']})"
     if p.get("text_sharded") or p.get("text_replicated"):
         parts.append("text sharded" if p.get("text_sharded") and not p.get("text_replicated") else
                      "text replicated" if not p.get("text_sharded") else "text mixed")

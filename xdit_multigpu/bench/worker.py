@@ -25,6 +25,8 @@ def _counting(counts: dict[str, Any], key: str) -> Callable[[Any], Any]:
                 counts["text_sharded" if args[0].text_sharded else "text_replicated"] += 1
             else:
                 counts[key] += 1
+                if key == "fused":  # FusedUlysses: head chunks pipelined per call (overlap)
+                    counts["fused_chunks"] = self.last_chunks
                 if key == "fallback":
                     counts["fallback_reason"] = str(args[0])
             return out

@@ -113,7 +113,7 @@ class SequenceAttention:
         # ring == 1 on the default backend: one fused all-to-all for q/k/v and the host's own kernel.
         self.fused = None
         if tuning.fused_ulysses and plan.ring == 1 and plan.ulysses > 1 and self._xfuser is None:
-            self.fused = FusedUlysses(groups.ulysses, plan.ulysses)
+            self.fused = FusedUlysses(groups.ulysses, plan.ulysses, tuning.ulysses_chunks)
         self._warned_fallback = False
 
     def kernel_for(self, q: torch.Tensor) -> Kernel:

@@ -6,6 +6,8 @@ A/B measurements, read once per parallelised patcher in the worker).
   per-token layer (projections, MLPs, modulation) runs on T/sp text rows instead of T.
 * ``XDIT_FUSED_ULYSSES=0``: with ring == 1, use yunchang's ``LongContextAttention`` (four all-to-alls,
   LSE kernel) instead of ``ulysses.FusedUlysses`` (one all-to-all for q/k/v, the host's kernel, one back).
+* ``XDIT_ULYSSES_CHUNKS=auto|N``: head chunks per fused Ulysses call, pipelined so that the all-to-alls
+  of one chunk overlap the attention of another (``ulysses.chunks_for``; 1 = no overlap).
 """
 
 from __future__ import annotations
@@ -27,11 +29,23 @@ def _flag(name: str, default: bool) -> bool:
     raise ConfigError(name, f'is "{raw}"', "Set it to 1 or 0, or unset it")
 
 
+def _chunks(name: str) -> int:
+    """``auto`` (or unset) -> 0, else a positive integer."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "auto"):
+        return 0
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    raise ConfigError(name, f'is "{raw}"', "Set it to auto or to a whole number of chunks >= 1 (1: no overlap), or unset it")
+
+
 @dataclass(frozen=True)
 class Tuning:
     shard_text: bool = True
     fused_ulysses: bool = True
+    ulysses_chunks: int = 0  # 0: auto
 
     @classmethod
     def from_env(cls) -> Tuning:
-        return cls(shard_text=_flag("XDIT_SHARD_TEXT", True), fused_ulysses=_flag("XDIT_FUSED_ULYSSES", True))
+        return cls(shard_text=_flag("XDIT_SHARD_TEXT", True), fused_ulysses=_flag("XDIT_FUSED_ULYSSES", True),
+                   ulysses_chunks=_chunks("XDIT_ULYSSES_CHUNKS"))

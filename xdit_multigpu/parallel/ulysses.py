@@ -9,8 +9,14 @@ all-to-all returns this rank's S rows with all heads.
 
 Why not yunchang here: its ``LongContextAttention`` issues one all-to-all per tensor (q, k, v, out),
 each with its own reshapes and ``contiguous`` copies, and needs an LSE-returning kernel; with ring == 1
-neither the LSE nor separate collectives are needed. Per call this is 1 packing stack, 1 unpack, the
-attention, 1 pack, 1 unpack and 2 collectives.
+neither the LSE nor separate collectives are needed. Per call this is 1 packing copy, the attention,
+1 pack, 1 unpack and 2 collectives.
+
+Overlap (``chunks`` > 1): each rank's H/U heads are split into C chunks of H/(U*C) heads. All C q/k/v
+all-to-alls are queued at once (asynchronous, on the process group's communication stream); the
+attention of chunk j starts when chunk j has arrived, and chunk j's output all-to-all runs while
+chunk j+1 is attended. Only the first chunk's q/k/v and the last chunk's output stay on the critical
+path. Heads are independent in attention, so the result is the same as with one chunk, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Auto chunking: overlap pays once a chunk's attention outlasts its share of the all-to-alls, i.e. for
+# long sequences; short ones gain little and pay C times the collectives' fixed cost.
+AUTO_MIN_TOKENS = 8192
+AUTO_MAX_CHUNKS = 3
 
 
 def _split_heads(x: torch.Tensor, heads: int, u: int, skip_reshape: bool) -> torch.Tensor:
@@ -31,29 +42,55 @@ def _split_heads(x: torch.Tensor, heads: int, u: int, skip_reshape: bool) -> tor
     return x.reshape(b, s, u, heads // u, -1).permute(2, 0, 3, 1, 4)
 
 
-class FusedUlysses:
-    """Callable with the attention override's arguments; ``group`` is the Ulysses group (size ``u``)."""
+def chunks_for(requested: int, heads_per_rank: int, tokens: int) -> int:
+    """How many head chunks one call pipelines: ``requested`` (0 = auto) capped to a divisor of the
+    rank's heads; auto picks the largest divisor <= ``AUTO_MAX_CHUNKS`` for ``tokens`` >= ``AUTO_MIN_TOKENS``."""
+    if requested == 0:
+        if tokens < AUTO_MIN_TOKENS:
+            return 1
+        requested = AUTO_MAX_CHUNKS
+    return max(c for c in range(1, min(requested, heads_per_rank) + 1) if heads_per_rank % c == 0)
 
-    def __init__(self, group: Any, u: int) -> None:
-        self.group, self.u = group, u
+
+class FusedUlysses:
+    """Callable with the attention override's arguments; ``group`` is the Ulysses group (size ``u``);
+    ``chunks``: head chunks per call for overlap (0 = auto, 1 = none; see ``chunks_for``)."""
+
+    def __init__(self, group: Any, u: int, chunks: int = 0) -> None:
+        self.group, self.u, self.chunks = group, u, chunks
         self.calls = 0  # tests read this to know which path ran
+        self.last_chunks = 0  # chunks of the last call (tests, benchmark)
 
     def __call__(self, func: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  heads: int, skip_reshape: bool, skip_output_reshape: bool, kwargs: dict[str, Any]) -> torch.Tensor:
         u = self.u
         parts = [_split_heads(t, heads, u, skip_reshape) for t in (q, k, v)]
         _, b, hu, s, d = parts[0].shape
-        send = torch.stack(parts, dim=1)  # (U, 3, B, H/U, S, D): one packing copy of each tensor
+        c = chunks_for(self.chunks, hu, u * s)
+        hc = hu // c
+        # (C, U, 3, B, H/(U*C), S, D): chunk j of every rank's head block, contiguous per chunk (one copy
+        # per tensor, as a stack would make).
+        send = torch.empty((c, u, 3, b, hc, s, d), dtype=q.dtype, device=q.device)
+        for i, part in enumerate(parts):
+            send[:, :, i] = part.reshape(u, b, c, hc, s, d).permute(2, 0, 1, 3, 4, 5)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        # recv[j] = rank j's S tokens for this rank's heads -> (3, B, H/U, U*S, D), rank-major tokens
-        full = recv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, hu, u * s, d)
-        out = func(full[0], full[1], full[2], hu, mask=None, skip_reshape=True, skip_output_reshape=True, **kwargs)
-        back = out.reshape(b, hu, u, s, d).permute(2, 0, 1, 3, 4).contiguous()  # (U, B, H/U, S, D)
-        got = torch.empty_like(back)
-        dist.all_to_all_single(got, back, group=self.group)
+        pending = [dist.all_to_all_single(recv[j], send[j], group=self.group, async_op=c > 1) for j in range(c)]
+        got = torch.empty((c, u, b, hc, s, d), dtype=q.dtype, device=q.device)
+        back_pending = []
+        for j in range(c):
+            if pending[j] is not None:
+                pending[j].wait()
+            # recv[j][r] = rank r's S tokens for this rank's head chunk j -> (3, B, hc, U*S, D), rank-major
+            full = recv[j].permute(1, 2, 3, 0, 4, 5).reshape(3, b, hc, u * s, d)
+            out = func(full[0], full[1], full[2], hc, mask=None, skip_reshape=True, skip_output_reshape=True, **kwargs)
+            back = out.reshape(b, hc, u, s, d).permute(2, 0, 1, 3, 4).contiguous()  # (U, B, hc, S, D)
+            back_pending.append(dist.all_to_all_single(got[j], back, group=self.group, async_op=c > 1))
+        for work in back_pending:
+            if work is not None:
+                work.wait()
         self.calls += 1
-        # got[j] = this rank's S rows for rank j's heads (head block j)
+        self.last_chunks = c
+        # got[j][r] = this rank's S rows for rank r's head chunk j: head r*H/U + j*hc + i
         if skip_output_reshape:
-            return got.permute(1, 0, 2, 3, 4).reshape(b, heads, s, d)
-        return got.permute(1, 3, 0, 2, 4).reshape(b, s, heads * d)
+            return got.permute(2, 1, 0, 3, 4, 5).reshape(b, heads, s, d)
+        return got.permute(2, 4, 1, 0, 3, 5).reshape(b, s, heads * d)
