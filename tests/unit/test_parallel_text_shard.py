@@ -82,11 +82,9 @@ def test_ulysses_chunks_parse(monkeypatch):
 
 
 def test_chunks_for_divides_the_rank_heads():
-    from xdit_multigpu.parallel.ulysses import AUTO_MIN_TOKENS, chunks_for
+    from xdit_multigpu.parallel.ulysses import AUTO_CHUNKS, chunks_for
 
-    assert chunks_for(1, 6, 10**6) == 1
-    assert chunks_for(4, 6, 10) == 3  # requested counts are capped to a divisor of the rank's heads
-    assert chunks_for(5, 6, 10) == 3 and chunks_for(2, 3, 10) == 1 and chunks_for(8, 2, 10) == 2
-    assert chunks_for(0, 6, AUTO_MIN_TOKENS - 1) == 1  # auto: short sequences stay in one piece
-    assert chunks_for(0, 6, AUTO_MIN_TOKENS) == 3 and chunks_for(0, 12, AUTO_MIN_TOKENS) == 3
-    assert chunks_for(0, 4, AUTO_MIN_TOKENS) == 2 and chunks_for(0, 1, AUTO_MIN_TOKENS) == 1
+    assert chunks_for(1, 6) == 1
+    assert chunks_for(4, 6) == 3  # requested counts are capped to a divisor of the rank's heads
+    assert chunks_for(5, 6) == 3 and chunks_for(2, 3) == 1 and chunks_for(8, 2) == 2
+    assert chunks_for(0, 6) == chunks_for(AUTO_CHUNKS, 6) == 1  # auto: no chunking (measured, see ulysses.py)
