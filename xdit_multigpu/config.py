@@ -92,6 +92,24 @@ class ResidentWeights(StrEnum):
         return _env_choice("XDIT_RESIDENT_WEIGHTS", cls, cls.AUTO)
 
 
+class PrefetchWeights(StrEnum):
+    """Whether resident CUDA workers read the model file while they import ComfyUI (``XDIT_PREFETCH``).
+
+    ``auto``: a worker whose weights go straight to the GPU (see ``ResidentWeights``) reads a
+    ``.safetensors`` file into GPU memory in background threads during its ComfyUI import, then hands
+    ComfyUI's own state-dict loader the tensors (``worker/prefetch.py``); CPU ranks, weights kept in
+    system RAM and other file formats load with ComfyUI's file loader as before. ``off``: always the latter.
+    """
+
+    AUTO = "auto"
+    OFF = "off"
+
+    @classmethod
+    def from_env(cls) -> PrefetchWeights:
+        """The mode named by ``XDIT_PREFETCH`` (unset or empty: auto); anything else: ConfigError."""
+        return _env_choice("XDIT_PREFETCH", cls, cls.AUTO)
+
+
 class DeviceKind(StrEnum):
     CUDA = "cuda"
     CPU = "cpu"  # CPU ranks stand in for GPUs (tests, CI); gloo instead of NCCL

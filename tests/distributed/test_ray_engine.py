@@ -86,6 +86,8 @@ def test_pool_is_reused_while_the_key_is_unchanged(engine, sd3):
     phases = pool.start_phases  # where the start went, per phase and per rank
     assert len(phases.import_s) == len(phases.pg_s) == len(phases.rank_load_s) == 2
     assert phases.load_s > 0 and (phases.resident, phases.resident_reason) == (False, "CPU rank")
+    assert len(phases.torch_s) == len(phases.comfy_sd_s) == 2  # the import split reaches the driver
+    assert phases.prefetch_used == (False, False) and phases.prefetch_note == "off: CPU rank"  # never on CPU ranks
     out = engine.sample(_spec(load, CPU2, ParallelStrategy.USP), req, _sd3_spec(), 4, True, patcher)
     assert out.fallback_reason is None and "pool_s" in out.timings
     assert engine.pool(_spec(load, CPU2)) is pool

@@ -238,11 +238,15 @@ def test_two_worker_ranks_form_gloo_group_and_all_reduce(cluster, comfy_root):
 
     ex = RayExecutor(cpu(2), cluster, start_timeout=60)
     try:
-        facts = ex.init_process_group("gloo", 60, comfy_root, None, file_bytes=10**9, resident="on")
+        facts = ex.init_process_group("gloo", 60, comfy_root, None, file_bytes=10**9, resident="on",
+                                      model_path="/models/m.safetensors", prefetch="auto")
         assert [f["rank"] for f in facts] == [0, 1]
         for f in facts:  # phases of the start, and the weights' placement (a CPU rank: never on a GPU)
             assert f["import_s"] > 0 and f["pg_s"] >= 0
             assert (f["resident"], f["resident_reason"], f["vram_state"]) == (False, "CPU rank", "DISABLED")
+            assert f["prefetch"] == "off: CPU rank"  # the model path reached the rank; CPU ranks never prefetch
+            parts = [f[k] for k in ("torch_s", "cuda_init_s", "comfy_mm_s", "comfy_sd_s")]
+            assert min(parts) >= 0 and sum(parts) <= f["import_s"] + 0.005  # each rounded to 1 ms
         assert ex.collective_rpc("all_reduce_sum", per_rank_args=[(1.5,), (2.0,)], timeout=30) == [3.5, 3.5]
         pings = ex.collective_rpc("ping", timeout=10)
         assert [p["rank"] for p in pings] == [0, 1]

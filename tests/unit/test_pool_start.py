@@ -197,8 +197,10 @@ class FakeExecutor:
         self.init_kwargs: dict = {}
         FakeExecutor.last = self
 
-    def init_process_group(self, backend, timeout_s, comfy_root, cli_args, *, file_bytes=None, resident=None):
-        self.init_kwargs = {"file_bytes": file_bytes, "resident": resident}
+    def init_process_group(self, backend, timeout_s, comfy_root, cli_args, *, file_bytes=None, resident=None,
+                           model_path=None, prefetch=None):
+        self.init_kwargs = {"file_bytes": file_bytes, "resident": resident, "model_path": model_path,
+                            "prefetch": prefetch}
         return [{"rank": r, "import_s": 4.0 + r, "pg_s": 0.5, "resident": True, "resident_reason": "fits"}
                 for r in range(self.world_size)]
 
@@ -221,7 +223,8 @@ def test_pool_start_records_phases_and_sends_the_file_size(monkeypatch, tmp_path
     monkeypatch.setattr("xdit_multigpu.executor.ray_executor.RayExecutor", FakeExecutor)
     with caplog.at_level(logging.INFO, logger="xdit_multigpu.pool"):
         pool = WorkerPool.start(_spec(str(model)), Timeouts())
-    assert FakeExecutor.last.init_kwargs == {"file_bytes": 1234, "resident": "on"}
+    assert FakeExecutor.last.init_kwargs == {"file_bytes": 1234, "resident": "on", "model_path": str(model),
+                                             "prefetch": "auto"}
     p = pool.start_phases
     assert isinstance(p, StartPhases) and p.import_s == (4.0, 5.0) and p.pg_s == (0.5, 0.5)
     assert p.rank_load_s == (6.0, 7.0) and p.resident and p.resident_reason == "fits"
@@ -230,8 +233,10 @@ def test_pool_start_records_phases_and_sends_the_file_size(monkeypatch, tmp_path
     assert "(cluster " in caplog.text and "import <= 5.0 s" in caplog.text and "weights in GPU: fits" in caplog.text
     # a file that is not on this node: size unknown, the workers keep today's placement in auto mode
     monkeypatch.setenv("XDIT_RESIDENT_WEIGHTS", "auto")
+    monkeypatch.setenv("XDIT_PREFETCH", "off")
     WorkerPool.start(_spec(str(tmp_path / "elsewhere.safetensors")), Timeouts())
-    assert FakeExecutor.last.init_kwargs == {"file_bytes": None, "resident": "auto"}
+    assert FakeExecutor.last.init_kwargs == {"file_bytes": None, "resident": "auto",
+                                             "model_path": str(tmp_path / "elsewhere.safetensors"), "prefetch": "off"}
 
 
 def test_start_phases_from_mixed_ranks_and_as_json():

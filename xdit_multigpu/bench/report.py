@@ -165,7 +165,37 @@ def _phase_lines(report: dict[str, Any]) -> list[str]:
                        "*init* (every rank imports ComfyUI and torch, initialises CUDA and joins the process group; "
                        "*import* and *process group* are the slowest rank's parts), *load* (ComfyUI's loader on "
                        "every rank; *load, rank*: the slowest rank's own time). *Weights*: where the loader put "
-                       "the diffusion model (`XDIT_RESIDENT_WEIGHTS`).", ""])
+                       "the diffusion model (`XDIT_RESIDENT_WEIGHTS`).", ""] + _prefetch_lines(report))
+
+
+def _least(xs: Any) -> float | None:
+    vals = [x for x in (xs or []) if x is not None]
+    return min(vals) if vals else None
+
+
+def _prefetch_lines(report: dict[str, Any]) -> list[str]:
+    """Where the slowest rank's import went and what the prefetch did (JSON from before both: nothing)."""
+    lines = []
+    for name, m in report.get("models", {}).items():
+        for n, eng in sorted((m.get("engine") or {}).items(), key=lambda kv: int(kv[0])):
+            p = eng.get("pool_start_phases") or {}
+            if "torch_s" not in p and "prefetch_used" not in p:
+                continue
+            used = p.get("prefetch_used") or []
+            slowest = [_f(_max(p.get(k))) for k in ("torch_s", "cuda_init_s", "comfy_mm_s", "comfy_sd_s")]
+            lines.append(f"| {name} | {n} | {' | '.join(slowest)} | {sum(bool(u) for u in used)}/{len(used)} | "
+                         f"{_f(_max(p.get('prefetch_read_s')))} | {_f(_least(p.get('prefetch_gbps')))} | "
+                         f"{_f(_max(p.get('prefetch_wait_s')))} | {_f(_max(p.get('sd_load_s')))} | "
+                         f"{(p.get('prefetch_note') or '–').replace('|', ';')} |")
+    if not lines:
+        return []
+    return (["| model | GPUs | torch (s) | CUDA init (s) | model_management (s) | comfy.sd (s) | prefetch ranks | "
+             "read (s) | read (GB/s) | load waited (s) | state-dict load (s) | prefetch note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"] + lines
+            + ["", "Per column the slowest rank (GB/s: the slowest read). *torch* ... *comfy.sd*: the parts of "
+               "*import*. *Prefetch* (`XDIT_PREFETCH`): resident GPU ranks read the model file into GPU memory while they "
+               "import ComfyUI; *load waited*: what `load_model` still waited for the read; *state-dict load*: "
+               "ComfyUI's loader on the prefetched tensors.", ""])
 
 
 def _side_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DispatcherSpec, ResidentWeights
+from ..config import DispatcherSpec, PrefetchWeights, ResidentWeights
 from ..errors import ConfigError, WorkerError, WorkerTimeout
 from ..executor.base import Executor, ProgressHook
 from .request import SampleRequest
@@ -72,9 +72,14 @@ class StartPhases:
 
     ``cluster_s`` (start or join Ray), ``actors_s`` (spawn until every actor answers ``ready``),
     ``init_s`` (the ``init_distributed`` RPC), ``load_s`` (the ``load_model`` RPC) follow each other.
-    Per rank, in rank order: ``import_s`` (ComfyUI + torch imports, CUDA init) and ``pg_s`` (joining
-    the process group) happen inside ``init_s``; ``rank_load_s`` (the worker's own load time) inside
-    ``load_s``. ``resident``: every rank loaded the weights straight into GPU memory.
+    Per rank, in rank order: ``import_s`` (ComfyUI + torch imports, CUDA init; parts: ``torch_s``,
+    ``cuda_init_s``, ``comfy_mm_s`` for ComfyUI's flags and ``comfy.model_management``, ``comfy_sd_s``)
+    and ``pg_s`` (joining the process group) happen inside ``init_s``; ``rank_load_s`` (the worker's own
+    load time) inside ``load_s``. ``resident``: every rank loaded the weights straight into GPU memory.
+    Prefetch (``worker/prefetch.py``): ``prefetch_used`` per rank; for those ranks ``prefetch_read_s``
+    (the background read, from its start during the imports), ``prefetch_gbps``, ``prefetch_wait_s`` (how
+    long ``load_model`` waited for it) and ``sd_load_s`` (ComfyUI's state-dict load); ``prefetch_note``:
+    why ranks did not use it.
     """
 
     cluster_s: float
@@ -86,6 +91,16 @@ class StartPhases:
     rank_load_s: tuple[float, ...] = ()
     resident: bool = False
     resident_reason: str = ""
+    torch_s: tuple[float, ...] = ()
+    cuda_init_s: tuple[float, ...] = ()
+    comfy_mm_s: tuple[float, ...] = ()
+    comfy_sd_s: tuple[float, ...] = ()
+    prefetch_used: tuple[bool, ...] = ()
+    prefetch_read_s: tuple[float, ...] = ()
+    prefetch_gbps: tuple[float, ...] = ()
+    prefetch_wait_s: tuple[float, ...] = ()
+    sd_load_s: tuple[float, ...] = ()
+    prefetch_note: str = ""
 
     @classmethod
     def from_facts(cls, wall: dict[str, float], init: list[dict[str, Any]] | None,
@@ -96,12 +111,19 @@ class StartPhases:
         def per_rank(facts: list[dict[str, Any]], key: str) -> tuple[float, ...]:
             return tuple(float(f[key]) for f in facts if isinstance(f.get(key), (int, float)))
 
-        reasons = list(dict.fromkeys(str(f.get("resident_reason") or "") for f in init))
+        def distinct(values: Any) -> str:
+            return " | ".join(v for v in dict.fromkeys(str(x or "") for x in values) if v)
+
         return cls(
             **{k: round(float(v), 3) for k, v in wall.items()},
             import_s=per_rank(init, "import_s"), pg_s=per_rank(init, "pg_s"), rank_load_s=per_rank(load, "load_s"),
             resident=bool(init) and all(f.get("resident") is True for f in init),
-            resident_reason=" | ".join(r for r in reasons if r),
+            resident_reason=distinct(f.get("resident_reason") for f in init),
+            **{k: per_rank(init, k) for k in ("torch_s", "cuda_init_s", "comfy_mm_s", "comfy_sd_s")},
+            prefetch_used=tuple(f.get("prefetch_used") is True for f in load),
+            **{k: per_rank(load, k) for k in ("prefetch_read_s", "prefetch_gbps", "prefetch_wait_s", "sd_load_s")},
+            prefetch_note=distinct([f.get("prefetch") for f in init if f.get("prefetch") != "started"]
+                                   + [f.get("prefetch_note") for f in load]),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -110,13 +132,34 @@ class StartPhases:
 
     def describe(self) -> str:
         """One log line: ``cluster 0.1 s, actors 2.0 s, init 7.9 s (import <= 6.1 s, ...)``."""
-        def most(xs: tuple[float, ...]) -> str:
-            return f"{max(xs):.1f}" if xs else "?"
-
         where = "GPU" if self.resident else "system RAM"
         return (f"cluster {self.cluster_s:.1f} s, actors {self.actors_s:.1f} s, init {self.init_s:.1f} s "
-                f"(import <= {most(self.import_s)} s, process group <= {most(self.pg_s)} s), load {self.load_s:.1f} s "
-                f"(rank <= {most(self.rank_load_s)} s), weights in {where}: {self.resident_reason or '?'}")
+                f"(import <= {_most(self.import_s)} s{self._import_parts()}, process group <= {_most(self.pg_s)} s), "
+                f"load {self.load_s:.1f} s (rank <= {_most(self.rank_load_s)} s{self._prefetch_text()}), "
+                f"weights in {where}: {self.resident_reason or '?'}")
+
+    def _import_parts(self) -> str:
+        if not self.torch_s:
+            return ""
+        return (f" [torch <= {_most(self.torch_s)}, CUDA init <= {_most(self.cuda_init_s)}, model_management <= "
+                f"{_most(self.comfy_mm_s)}, comfy.sd <= {_most(self.comfy_sd_s)} s]")
+
+    def _prefetch_text(self) -> str:
+        used = sum(self.prefetch_used)
+        if not used:
+            return f"; prefetch {self.prefetch_note}" if self.prefetch_note else ""
+        text = (f"; prefetch on {used}/{len(self.prefetch_used)} ranks: read <= {_most(self.prefetch_read_s)} s "
+                f"at >= {_least(self.prefetch_gbps)} GB/s, waited <= {_most(self.prefetch_wait_s)} s, ComfyUI "
+                f"state-dict load <= {_most(self.sd_load_s)} s")
+        return text + (f" ({self.prefetch_note})" if self.prefetch_note else "")
+
+
+def _most(xs: tuple[float, ...]) -> str:
+    return f"{max(xs):.1f}" if xs else "?"
+
+
+def _least(xs: tuple[float, ...]) -> str:
+    return f"{min(xs):.1f}" if xs else "?"
 
 
 def _host_cli_args() -> dict[str, Any] | None:
@@ -147,12 +190,14 @@ class WorkerPool:
     @classmethod
     def start(cls, spec: DispatcherSpec, timeouts: Timeouts, worker_cls: str | type | None = None) -> WorkerPool:
         """Start workers for ``spec``; raises ``WorkerError``/``WorkerTimeout`` (nothing left running), or
-        ``ConfigError`` for a bad ``XDIT_RESIDENT_WEIGHTS`` before anything starts. Records ``start_phases``.
+        ``ConfigError`` for a bad ``XDIT_RESIDENT_WEIGHTS`` / ``XDIT_PREFETCH`` before anything starts.
+        Records ``start_phases``.
         """
         from ..executor.cluster import ensure_cluster
         from ..executor.ray_executor import DEFAULT_WORKER, RayExecutor
 
         mode = ResidentWeights.from_env()  # a bad value: ConfigError naming the variable, before any actor
+        prefetch = PrefetchWeights.from_env()
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeouts.start_s
 
@@ -170,6 +215,7 @@ class WorkerPool:
             init = executor.init_process_group(
                 spec.devices.backend, min(timeouts.collective_s, left("init_distributed")), cluster.comfy_root,
                 _host_cli_args(), file_bytes=_file_bytes(spec.load.path), resident=mode.value,
+                model_path=spec.load.path, prefetch=prefetch.value,
             )
             t_init = time.perf_counter()
             facts = executor.collective_rpc("load_model", (spec.load,), timeout=left("load_model"))

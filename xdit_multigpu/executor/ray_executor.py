@@ -258,13 +258,15 @@ class RayExecutor(Executor):
 
     def init_process_group(
         self, backend: str, timeout_s: float, comfy_root: str | None, cli_args: dict[str, Any] | None,
-        *, file_bytes: int | None = None, resident: str | None = None,
+        *, file_bytes: int | None = None, resident: str | None = None, model_path: str | None = None,
+        prefetch: str | None = None,
     ) -> list[dict[str, Any]]:
         """Form the default process group; every rank joins concurrently. Returns each rank's facts
         (``Worker.init_distributed``: import and group times, where its weights will live), rank order.
 
         ``file_bytes`` (model file size) and ``resident`` (``XDIT_RESIDENT_WEIGHTS``), when given, go to
-        every rank, which decides from them whether to load the weights straight into GPU memory.
+        every rank, which decides from them whether to load the weights straight into GPU memory;
+        ``model_path`` and ``prefetch`` (``XDIT_PREFETCH``) let such a rank read the file meanwhile.
         One machine: a FileStore in a private temp dir, because torch's TCPStore server listens on all
         interfaces whatever host it is given (seen: ``::``), which would open a port to the network.
         Several machines: rank 0 picks a free port on its node IP (TCPStore; the cluster's network).
@@ -281,7 +283,8 @@ class RayExecutor(Executor):
             (r, self.world_size, init_method, backend, timeout_s, comfy_root, cli_args) for r in range(self.world_size)
         ]
         # Only what was given: a worker class with the older signature keeps working.
-        kwargs = {k: v for k, v in (("file_bytes", file_bytes), ("resident_mode", resident)) if v is not None}
+        kwargs = {k: v for k, v in (("file_bytes", file_bytes), ("resident_mode", resident), ("model_path", model_path),
+                                    ("prefetch_mode", prefetch)) if v is not None}
         self._progress_sink()  # starts while the ranks join and load, ready for the first sampling call
         return self.collective_rpc("init_distributed", kwargs=kwargs, per_rank_args=per_rank, timeout=timeout_s)
 

@@ -8,6 +8,7 @@ without it).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,31 @@ def load_diffusion_model(spec: LoadSpec) -> Any:
         )
         return out[0]
     return comfy.sd.load_diffusion_model(spec.path, model_options=opts)
+
+
+def load_diffusion_model_from_state_dict(spec: LoadSpec, sd: dict[str, Any], metadata: dict[str, str] | None) -> Any:
+    """``load_diffusion_model`` for the file of ``spec`` already read into ``sd`` (``worker/prefetch.py``).
+
+    The same ComfyUI calls that ``comfy.sd.load_diffusion_model`` / ``load_checkpoint_guess_config``
+    make after ``load_torch_file(path, return_metadata=True)``, with their error when nothing is
+    detected. ComfyUI pops the tensors it loads from ``sd``; the caller must not keep ``sd`` afterwards.
+    """
+    import comfy.sd
+
+    opts = model_options_for(spec.weight_dtype)
+    if spec.kind is LoaderKind.CHECKPOINT:
+        out = comfy.sd.load_state_dict_guess_config(
+            sd, output_vae=False, output_clip=False, model_options=opts, metadata=metadata
+        )
+        model = out[0] if out is not None else None
+    else:
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts, metadata=metadata)
+        if model is None:
+            logging.error("ERROR UNSUPPORTED DIFFUSION MODEL %s", spec.path)
+    if model is None:
+        hint = comfy.sd.model_detection_error_hint(spec.path, sd)
+        raise RuntimeError(f"ERROR: Could not detect model type of: {spec.path}\n{hint}")
+    return model
 
 
 def _load_with_explicit_config(path: str, unet_config: dict[str, Any], opts: dict[str, Any]) -> Any:
