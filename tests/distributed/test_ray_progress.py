@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from xdit_multigpu.config import DeviceKind, DeviceSet, DispatcherSpec, LoaderKind, LoadSpec, ParallelStrategy
+from xdit_multigpu.executor.progress import ProgressSink
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
@@ -85,6 +86,43 @@ def test_a_raising_hook_stops_the_workers_and_propagates(cluster):
     assert time.monotonic() - t0 < 10
     with pytest.raises(WorkerError, match="shut down"):
         ex.collective_rpc("ping", timeout=10)
+
+
+class SlowSink(ProgressSink):
+    """A sink whose every drain takes 0.5 s: a drain round trip on the way out of a call shows in its time."""
+
+    def drain(self):
+        time.sleep(0.5)
+        return super().drain()
+
+
+def test_reports_left_at_the_end_come_with_rank_0s_result_not_a_drain(cluster, monkeypatch):
+    """Rank 0 returns the log of its reports: no drain follows the results (the old driver drained after
+    every result and once more at the end), and a later call's drain hands over only its own reports."""
+    from xdit_multigpu.executor import ray_executor
+    from xdit_multigpu.executor.base import ProgressHook
+    from xdit_multigpu.executor.ray_executor import RayExecutor
+
+    monkeypatch.setattr(ray_executor, "ProgressSink", SlowSink)
+    monkeypatch.setattr(ray_executor, "PROGRESS_POLL_S", 5.0)  # no periodic drain within these short calls
+    ex = RayExecutor(CPU2, cluster, worker_cls=StepWorker, start_timeout=60)
+    try:
+        ex.collective_rpc("steps", (1, 0.0), timeout=60, on_progress=ProgressHook(Recorder()))  # imports, sink up
+        rec = Recorder()
+        t0 = time.monotonic()
+        out = ex.collective_rpc("steps", (5, 0.0), timeout=60, on_progress=ProgressHook(rec))
+        took = time.monotonic() - t0
+        assert out == [True, False]
+        assert [(s, t, p) for s, t, p, _ in rec.events] == [(i, 5, None) for i in range(1, 6)]
+        assert took < 0.45, f"a drain of the sink (0.5 s) followed the results: the call took {took:.2f} s"
+        # Previews on: the missing reports carried previews, so one drain fetches them; it also returns the
+        # earlier calls' undrained reports, which must not reach this call's hook.
+        rec2 = Recorder()
+        ex.collective_rpc("steps", (3, 0.0), timeout=60, on_progress=ProgressHook(rec2, 0.0))
+        assert [(s, t) for s, t, _, _ in rec2.events] == [(1, 3), (2, 3), (3, 3)]
+        assert all(p is not None and p.shape == (1, 4, 8, 8) for _, _, p, _ in rec2.events)
+    finally:
+        ex.shutdown()
 
 
 @pytest.fixture(scope="module")

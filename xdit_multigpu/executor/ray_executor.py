@@ -26,6 +26,7 @@ from ..config import DeviceKind, DeviceSet
 from ..errors import WorkerError, WorkerTimeout
 from .base import DEFAULT_RPC_TIMEOUT_S, Executor, ProgressHook
 from .cluster import ClusterInfo, worker_pythonpath
+from .progress import DRAIN_SLACK_S, PROGRESS_POLL_S, CallProgress, ProgressSink, SinkReporter
 from .transport import pack
 
 log = logging.getLogger("xdit_multigpu.executor")
@@ -33,7 +34,6 @@ log = logging.getLogger("xdit_multigpu.executor")
 DEFAULT_WORKER = "xdit_multigpu.worker.worker.Worker"
 CPU_RANK_CPUS = 0.01  # CPU ranks book almost nothing so 4 ranks start on a 2-core box
 POLL_S = 1.0  # wait slice: abort_check is polled this often
-PROGRESS_POLL_S = 0.1  # wait slice while a call reports progress (one tiny drain per slice)
 
 
 class WorkerInterrupted(WorkerError):
@@ -81,62 +81,18 @@ class RayWorkerWrapper:
             self._worker = _resolve(self._worker_cls)()
         return pack(getattr(self._worker, method)(*args, **kwargs))
 
-    def execute_reporting(self, sink: Any, preview_interval_s: float | None, method: str, *args: Any, **kwargs: Any) -> Any:
+    def execute_reporting(self, sink: Any, preview_interval_s: float | None, call: int, method: str, *args: Any,
+                          **kwargs: Any) -> tuple[Any, list[Any]]:
         """``execute`` with a ``progress`` reporter that sends to ``sink`` (fire-and-forget, ordered).
-        Before returning, waits once for the last report to land: the caller's final drain sees every step."""
-        reporter = _SinkReporter(sink, preview_interval_s)
-        try:
-            return self.execute(method, *args, progress=reporter, **kwargs)
-        finally:
-            reporter.flush()
 
-
-class _SinkReporter:
-    """Rank 0's ``progress(step, total, x0)``: every step is sent; x0 at most once per interval."""
-
-    def __init__(self, sink: Any, preview_interval_s: float | None) -> None:
-        self._sink = sink
-        self._interval = preview_interval_s
-        self._last_preview = float("-inf")
-        self._last_ref: Any = None
-
-    def __call__(self, step: int, total: int, x0: Any = None) -> None:
-        preview = None
-        now = time.monotonic()
-        if self._interval is not None and x0 is not None and now - self._last_preview >= self._interval:
-            self._last_preview = now
-            preview = _small_latent(x0)
-        self._last_ref = self._sink.put.remote(int(step), int(total), preview)
-
-    def flush(self, timeout: float = 10.0) -> None:
-        if self._last_ref is None:
-            return
-        import ray  # noqa: PLC0415
-
-        try:
-            ray.get(self._last_ref, timeout=timeout)
-        except (ray.exceptions.RayError, TimeoutError) as e:  # progress must never fail the sampling call
-            log.debug("xDiT: progress flush: %s", e)
-
-
-def _small_latent(x0: Any) -> Any:
-    """The preview source: first batch item (first frame of a video latent), float16 numpy on CPU."""
-    x = x0[:1, :, :1] if x0.ndim == 5 else x0[:1]
-    return x.detach().to("cpu").half().numpy()
-
-
-class ProgressSink:
-    """A tiny actor between rank 0 and the driver: rank 0 puts step reports, the driver drains them."""
-
-    def __init__(self) -> None:
-        self._events: list[tuple[int, int, Any]] = []
-
-    def put(self, step: int, total: int, preview: Any) -> None:
-        self._events.append((step, total, preview))
-
-    def drain(self) -> list[tuple[int, int, Any]]:
-        events, self._events = self._events, []
-        return events
+        Returns ``(result, log)``: ``log`` lists every report of this call (``progress.SinkReporter``),
+        so the driver needs no drain after the result; rank 0 waits for a report to land only when it
+        carried a preview (``settle``).
+        """
+        reporter = SinkReporter(sink, preview_interval_s, call)
+        out = self.execute(method, *args, progress=reporter, **kwargs)
+        reporter.settle()
+        return out, reporter.log
 
 
 def _last_line(err: BaseException) -> str:
@@ -178,6 +134,7 @@ class RayExecutor(Executor):
         self.placement: list[dict[str, Any]] = []
         self._rendezvous_dir: str | None = None
         self._sink: Any = None  # ProgressSink actor, started on the first call that reports progress
+        self._calls = 0  # id of the last call that reported progress (tags its reports in the sink)
         if self.world_size < 1:
             raise WorkerError("gpu_devices: no device to start a worker on")
         self._check_resources()
@@ -315,11 +272,13 @@ class RayExecutor(Executor):
         for r, a in enumerate(self._actors):
             rank_args = per_rank_args[r] if per_rank_args is not None else args
             if r == 0 and on_progress is not None:  # rank 0 reports its steps to the sink
+                self._calls += 1
                 sink, every = self._progress_sink(), on_progress.preview_interval_s
-                refs.append(a.execute_reporting.remote(sink, every, method, *rank_args, **kw))
+                refs.append(a.execute_reporting.remote(sink, every, self._calls, method, *rank_args, **kw))
             else:
                 refs.append(a.execute.remote(method, *rank_args, **kw))
-        return self._gather(refs, method, timeout, on_progress)
+        feed = CallProgress(on_progress, self._calls) if on_progress is not None else None
+        return self._gather(refs, method, timeout, feed)
 
     def _progress_sink(self) -> Any:
         """The pool's ``ProgressSink`` actor (started once, on the driver's node, books no CPU)."""
@@ -333,33 +292,41 @@ class RayExecutor(Executor):
                                      runtime_env={"env_vars": env}).remote()
         return self._sink
 
-    def _report(self, method: str, on_progress: ProgressHook) -> None:
-        """Hand every report rank 0 made so far to ``on_progress`` (bounded; the hook may raise)."""
+    def _drain(self, method: str) -> list[Any]:
+        """Every report in the sink since the last drain (one bounded round trip)."""
         try:
-            events = self._ray.get(self._sink.drain.remote(), timeout=30.0)
+            return list(self._ray.get(self._sink.drain.remote(), timeout=30.0))
         except self._ray.exceptions.RayError as e:
             self._fail(f"the progress sink failed during {method}")
             raise WorkerError(f"{method}: the progress sink failed: {_last_line(e)}") from e
-        for step, total, preview in events:
-            try:
-                on_progress.update(step, total, preview)
-            except BaseException as e:
-                self._fail(f"{method}: the progress hook raised {type(e).__name__}")
-                raise
 
-    def _gather(self, refs: list[Any], method: str, timeout: float, on_progress: ProgressHook | None = None) -> list[Any]:
+    def _progress(self, method: str, step: Callable[[], None]) -> None:
+        """Run one hand-over of reports to the hook; a raising hook stops the workers, then re-raises."""
+        try:
+            step()
+        except WorkerError:
+            raise  # the sink failed: _drain already stopped the workers
+        except BaseException as e:
+            self._fail(f"{method}: the progress hook raised {type(e).__name__}")
+            raise
+
+    def _gather(self, refs: list[Any], method: str, timeout: float, feed: CallProgress | None = None) -> list[Any]:
         """Results in rank order; the first failure (not the slowest rank) ends the wait.
 
-        With ``on_progress``, rank 0's reports are handed to it between wait slices and once at the end.
+        ``ray.wait`` returns the moment a result is ready, and every other ready result is taken in the
+        same pass. With ``feed``, rank 0's ref holds ``(result, log)`` (``execute_reporting``): the sink
+        is drained every ``PROGRESS_POLL_S`` while rank 0 runs (never because a result came), and the
+        reports still missing when rank 0 returns come from its log (``CallProgress.finish``).
         """
         ray = self._ray
-        poll = PROGRESS_POLL_S if on_progress is not None else POLL_S
         rank_of = {ref: r for r, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
         deadline = time.monotonic() + timeout
+        next_drain = time.monotonic() + PROGRESS_POLL_S
         while pending:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 slow = sorted(rank_of[r] for r in pending)
                 self._fail(f"{method} timed out after {timeout:.0f} s on rank(s) {slow}")
@@ -367,20 +334,33 @@ class RayExecutor(Executor):
             if self.abort_check is not None and self.abort_check():
                 self._fail(f"{method} was interrupted")
                 raise WorkerInterrupted(f"{method}: interrupted; the workers were stopped")
-            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, poll))
+            wait_s = min(left, max(0.0, next_drain - now) if feed is not None else POLL_S)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if ready and pending:  # the others that are ready too: no extra wait slice per rank
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ready += more
             for ref in ready:
-                rank = rank_of[ref]
-                try:
-                    results[rank] = ray.get(ref, timeout=0)
-                except ray.exceptions.RayActorError as e:
-                    self._fail(f"rank {rank} died during {method}")
-                    raise WorkerError(f"rank {rank} ({self._where(rank)}) died during {method}: {_last_line(e)}") from e
-                except ray.exceptions.RayError as e:
-                    self._fail(f"rank {rank} failed in {method}")
-                    raise WorkerError(f"rank {rank} ({self._where(rank)}) failed in {method}: {_last_line(e)}") from e
-            if on_progress is not None:
-                self._report(method, on_progress)
+                results[rank_of[ref]] = self._result(ref, rank_of[ref], method)
+            if feed is not None and 0 in results:
+                results[0], log = results[0]
+                self._progress(method, lambda f=feed, lg=log: f.finish(lg, lambda: self._drain(method)))
+                feed = None  # rank 0 is done: its log held the last of its reports
+            elif feed is not None and time.monotonic() >= next_drain - DRAIN_SLACK_S:
+                self._progress(method, lambda f=feed: f.take(self._drain(method)))
+                next_drain = time.monotonic() + PROGRESS_POLL_S
         return [results[r] for r in range(len(refs))]
+
+    def _result(self, ref: Any, rank: int, method: str) -> Any:
+        """A ready result, or (every worker stopped) ``WorkerError`` naming the rank and the cause."""
+        ray = self._ray
+        try:
+            return ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError as e:
+            self._fail(f"rank {rank} died during {method}")
+            raise WorkerError(f"rank {rank} ({self._where(rank)}) died during {method}: {_last_line(e)}") from e
+        except ray.exceptions.RayError as e:
+            self._fail(f"rank {rank} failed in {method}")
+            raise WorkerError(f"rank {rank} ({self._where(rank)}) failed in {method}: {_last_line(e)}") from e
 
     def _where(self, rank: int) -> str:
         if self.devices.kind is DeviceKind.CPU or rank >= len(self.placement):
