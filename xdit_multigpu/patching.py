@@ -139,3 +139,39 @@ def batch_slice_noise(start: int, stop: int, total: int) -> Iterator[None]:
     finally:
         for key in BATCH_NOISE_KEYS:
             remove(key)
+
+
+BUILD_ON_DEVICE = "xdit.model_detection.model_config_from_unet"
+
+
+@contextlib.contextmanager
+def build_on_device(device: Any) -> Iterator[None]:
+    """While ComfyUI's ``load_diffusion_model_state_dict`` runs, build the diffusion model on ``device``.
+
+    That loader calls ``model_config.get_model(sd, "")``, i.e. builds the model on the CPU, then moves it
+    to ``unet_offload_device()``: for a resident worker (HIGH_VRAM) the GPU, so a Flux.1-dev copies 24 GB
+    of uninitialised CPU memory to the GPU before the weights are loaded. ComfyUI's checkpoint loader
+    already passes ``device=`` here (``load_state_dict_guess_config``: ``get_model(..., device=
+    inital_load_device)``). This makes the configs returned by ``model_detection.model_config_from_unet``
+    build with ``device`` unless the caller names one: the model's own modules get ``device=`` as in the
+    checkpoint path; its ``model_sampling`` is built on the CPU and moved, as in both stock paths. Only for a
+    worker whose weights are already on ``device`` (the prefetch); restored on exit.
+    """
+    import comfy.model_detection as md  # noqa: PLC0415
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def model_config_from_unet(*args: Any, **kwargs: Any) -> Any:
+            config = original(*args, **kwargs)
+            if config is not None:
+                config.get_model = functools.partial(config.get_model, device=device)
+            return config
+
+        return model_config_from_unet
+
+    fresh = install(BUILD_ON_DEVICE, md, "model_config_from_unet", make)
+    try:
+        yield
+    finally:
+        if fresh:
+            remove(BUILD_ON_DEVICE)

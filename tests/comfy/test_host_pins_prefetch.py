@@ -70,3 +70,21 @@ def test_loaders_copy_the_weights_into_the_model(comfy_root: str) -> None:
 
     _has(comfy.model_base.BaseModel.load_model_weights, "to_load[k[len(unet_prefix):]] = sd.pop(k)",
          "self.diffusion_model.load_state_dict(to_load, strict=False)")
+
+
+def test_unet_state_dict_loader_builds_through_model_config_from_unet(comfy_root: str) -> None:
+    """``patching.build_on_device`` relies on: the loader finds its config through the module attribute
+    ``model_detection.model_config_from_unet`` and builds with ``get_model(new_sd, "")`` (no device), then
+    moves the model to the offload device; configs' ``get_model`` takes ``device`` and hands it to the model."""
+    import comfy.model_base
+    import comfy.model_detection
+    import comfy.sd
+    import comfy.supported_models_base
+
+    _has(comfy.sd.load_diffusion_model_state_dict,
+         'model_config = model_detection.model_config_from_unet(sd, "", metadata=metadata)',
+         'model = model_config.get_model(new_sd, "")', "model = model.to(offload_device)")
+    assert callable(comfy.model_detection.model_config_from_unet)
+    assert _params(comfy.supported_models_base.BASE.get_model) == ["self", "state_dict", "prefix", "device"]
+    _has(comfy.model_base.BaseModel.__init__,
+         "self.diffusion_model = unet_model(**unet_config, device=device, operations=operations)")

@@ -7,6 +7,7 @@ without it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 from ..config import LoaderKind, LoadSpec
 from ..engine.request import SampleRequest
+from ..patching import build_on_device
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
@@ -69,13 +71,21 @@ def load_diffusion_model_from_state_dict(spec: LoadSpec, sd: dict[str, Any], met
         )
         model = out[0] if out is not None else None
     else:
-        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts, metadata=metadata)
+        device = _device_of(sd)  # the weights are on the GPU already: no CPU-built model to move there
+        with build_on_device(device) if device is not None else contextlib.nullcontext():
+            model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts, metadata=metadata)
         if model is None:
             logging.error("ERROR UNSUPPORTED DIFFUSION MODEL %s", spec.path)
     if model is None:
         hint = comfy.sd.model_detection_error_hint(spec.path, sd)
         raise RuntimeError(f"ERROR: Could not detect model type of: {spec.path}\n{hint}")
     return model
+
+
+def _device_of(sd: dict[str, Any]) -> Any:
+    """The device of the state dict's tensors when that is not the CPU (a prefetched GPU buffer), else None."""
+    device = next((t.device for t in sd.values() if hasattr(t, "device")), None)
+    return device if device is not None and device.type != "cpu" else None
 
 
 def _load_with_explicit_config(path: str, unet_config: dict[str, Any], opts: dict[str, Any]) -> Any:
