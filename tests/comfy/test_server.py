@@ -158,3 +158,27 @@ def test_stock_lora_loader_between_xdit_nodes_runs_parallel(server):
     no_lora[sampler]["inputs"]["model"] = [loader, 0]
     plain = server.run(no_lora, timeout=300)
     assert np.abs(_image(plain, server) - b).max() > 1, "the LoRA did not change the stock image"
+
+
+def test_rerun_with_a_new_seed_equals_stock(server):
+    """Re-queue with only the seed changed: ComfyUI hands the KSampler its cached conditioning, which the
+    ranks still hold from the first run (``executor.kept``: it does not travel again); the image is the
+    stock workflow's for the new seed."""
+    from xdit_multigpu.testing.demo import node_text
+    from xdit_multigpu.testing.workflow import stock_equivalent
+
+    prompt = _sd3_prompt(server, "cpu:2")
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "XDiTUNetLoader")
+    sampler = next(i for i, n in prompt.items() if n["class_type"] == "XDiTKSampler")
+    prompt[loader]["inputs"]["parallel_strategy"] = "Hybrid"
+    first = server.run(copy.deepcopy(prompt), timeout=600)
+    assert first["status"]["status_str"] == "success", first["status"]
+    prompt[sampler]["inputs"]["seed"] = int(prompt[sampler]["inputs"]["seed"]) + 1
+    again = server.run(copy.deepcopy(prompt), timeout=600)
+    assert again["status"]["status_str"] == "success", again["status"]
+    status = node_text(again, "XDiTKSampler", prompt)
+    assert "cfg 2 x ulysses 1 x ring 1" in status and "one device" not in status, status
+    stock = server.run(stock_equivalent(prompt), timeout=300)
+    a, b = _image(again, server), _image(stock, server)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1, np.abs(a - b).max()
+    assert np.abs(a - _image(first, server)).max() > 1, "the new seed did not change the image"

@@ -60,6 +60,24 @@ class FakeWorker:
         return seen, dataclasses.replace(request, seed=request.seed + 1)
 
 
+    def hold(self, request, mutate=False):
+        """What arrived: whether the conditioning is the very tensor of the last call, its bytes' digest, the
+        noise's digest, and the keys this rank keeps (``kept``'s rank side). ``mutate``: change it in place."""
+        import hashlib
+
+        import torch
+
+        from xdit_multigpu.executor import kept
+
+        cond = request.positive[0][0]
+        same, self._cond = cond is getattr(self, "_cond", None), cond
+        digest = hashlib.sha256(cond.contiguous().view(torch.uint8).numpy()).hexdigest()
+        if mutate:
+            cond.mul_(2.0)
+        noise = hashlib.sha256(request.noise.contiguous().view(torch.uint8).numpy()).hexdigest()
+        return same, digest, noise, kept.held_on_this_rank()
+
+
 def cpu(n):
     return DeviceSet(DeviceKind.CPU, tuple(range(n)), f"cpu:{n}")
 
@@ -99,10 +117,11 @@ def test_request_and_result_travel_bit_exact_as_plain_tensors(cluster, ranks, mo
 
     import torch
 
-    from xdit_multigpu.executor import ray_executor, transport
+    from xdit_multigpu.executor import kept, transport
 
-    sent = []  # what collective_rpc hands to Ray: the request must go out packed
-    monkeypatch.setattr(ray_executor, "pack", lambda obj: sent.append(transport.pack(obj)) or sent[-1])
+    sent = []  # what collective_rpc hands to Ray: the request must go out packed (out-of-band wrappers)
+    mark = kept.SentTensors.mark
+    monkeypatch.setattr(kept.SentTensors, "mark", lambda self, obj: sent.append(mark(self, obj)) or sent[-1])
     req = _flux_request()
     want = [req.noise, req.latent_image, req.positive[0][0], req.negative[0][0], req.positive[0][1]["pooled_output"],
             *req.delta.weights.tensors]
@@ -112,7 +131,8 @@ def test_request_and_result_travel_bit_exact_as_plain_tensors(cluster, ranks, mo
         out = ex.collective_rpc("inspect_request", (req,), timeout=60)
     finally:
         ex.shutdown()
-    assert any(isinstance(getattr(a, "noise", None), transport._Wire) for args in sent for a in args), sent
+    wrapped = (kept.Keep, transport._Wire)
+    assert any(isinstance(getattr(a, "noise", None), wrapped) for args, _ in sent for a in args), sent
     for seen, back in out:
         assert seen == [(d, True, True) for d in digests]
         assert type(back).__name__ == "SampleRequest" and back.seed == 8
@@ -280,3 +300,53 @@ def _running(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _digest(t):
+    import hashlib
+
+    import torch
+
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+@pytest.mark.parametrize("ranks", [1, 2], ids=["inline", "ray_put"])
+def test_tensors_every_rank_holds_travel_as_keys(cluster, ranks):
+    """A re-run with ComfyUI's cached conditioning and new noise: each rank gets back the conditioning it
+    kept (not a new copy), with the same bytes; a ping in between changes nothing; an in-place change on
+    the driver sends it again; driver and ranks agree on what is held after every call."""
+    import dataclasses
+
+    import torch
+
+    req = _flux_request()
+    cond = req.positive[0][0]
+    ex = make(cluster, ranks)
+    try:
+        first = ex.collective_rpc("hold", (req,), timeout=60)
+        assert [f[0] for f in first] == [False] * ranks and {f[1] for f in first} == {_digest(cond)}
+        assert all(f[3] == ex._sent.held_keys() for f in first)
+        ex.collective_rpc("ping", timeout=30)
+        again = dataclasses.replace(req, noise=torch.randn(1, 16, 128, 128), seed=8)
+        second = ex.collective_rpc("hold", (again,), timeout=60)
+        assert [s[0] for s in second] == [True] * ranks  # held: no bytes crossed for it
+        assert {s[1] for s in second} == {_digest(cond)}
+        assert {s[2] for s in second} == {_digest(again.noise)}
+        assert all(s[3] == ex._sent.held_keys() for s in second) and second[0][3] != first[0][3]  # old noise gone
+        cond.add_(1.0)  # changed in place on the driver: sent again
+        third = ex.collective_rpc("hold", (again,), timeout=60)
+        assert [t[0] for t in third] == [False] * ranks and {t[1] for t in third} == {_digest(cond)}
+    finally:
+        ex.shutdown()
+
+
+def test_a_held_tensor_changed_in_place_on_a_rank_fails_the_next_call_not_silently(cluster):
+    """ComfyUI's cache rules this out; if a sampler did it anyway, the next call must not use the changed copy."""
+    req = _flux_request()
+    ex = make(cluster, 2)
+    try:
+        ex.collective_rpc("hold", (req,), {"mutate": True}, timeout=60)
+        with pytest.raises(WorkerError, match="modified in place"):
+            ex.collective_rpc("hold", (req,), timeout=60)
+    finally:
+        ex.shutdown()

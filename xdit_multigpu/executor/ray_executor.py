@@ -11,22 +11,21 @@ actor so two pools cannot oversubscribe. On a joined cluster Ray chooses the GPU
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shutil
-import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..config import DeviceKind, DeviceSet
 from ..errors import WorkerError, WorkerTimeout
+from . import kept
+from .actor import RayWorkerWrapper
 from .base import DEFAULT_RPC_TIMEOUT_S, Executor, ProgressHook
 from .cluster import ClusterInfo, worker_pythonpath
-from .progress import DRAIN_SLACK_S, PROGRESS_POLL_S, CallProgress, ProgressSink, SinkReporter
+from .progress import DRAIN_SLACK_S, PROGRESS_POLL_S, CallProgress, ProgressSink
 from .transport import pack
 
 log = logging.getLogger("xdit_multigpu.executor")
@@ -34,65 +33,13 @@ log = logging.getLogger("xdit_multigpu.executor")
 DEFAULT_WORKER = "xdit_multigpu.worker.worker.Worker"
 CPU_RANK_CPUS = 0.01  # CPU ranks book almost nothing so 4 ranks start on a 2-core box
 POLL_S = 1.0  # wait slice: abort_check is polled this often
+# Driver-side bookkeeping of a call (kept's copy of what was sent) waits this long: by then the ranks are
+# past unpickling and into their work, so it does not compete with them for the host's cores.
+IDLE_AFTER_S = 0.05
 
 
 class WorkerInterrupted(WorkerError):
     """The caller asked to stop (ComfyUI's cancel) while workers ran; they were killed."""
-
-
-def _resolve(worker_cls: str | type) -> type:
-    if isinstance(worker_cls, type):
-        return worker_cls
-    module, _, name = worker_cls.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-class RayWorkerWrapper:
-    """The actor body: builds the worker lazily, i.e. after Ray has set ``CUDA_VISIBLE_DEVICES``."""
-
-    def __init__(self, worker_cls: str | type) -> None:
-        self._worker_cls = worker_cls
-        self._worker: Any = None
-
-    def ready(self) -> dict[str, Any]:
-        """Where this actor runs (sent once at start; also proves the process is up)."""
-        import ray  # noqa: PLC0415
-
-        return {
-            "pid": os.getpid(),
-            "node_ip": ray.util.get_node_ip_address(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        }
-
-    def free_port(self, host: str) -> int:
-        """A free TCP port on ``host`` for the torch.distributed rendezvous (rank 0 only)."""
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.bind((host, 0))
-            return int(s.getsockname()[1])
-
-    def rendezvous_file(self) -> str:
-        """A fresh path for torch's FileStore in a private (0700) directory on this node (rank 0 only)."""
-        return os.path.join(tempfile.mkdtemp(prefix="xdit_pg_"), "store")
-
-    def execute(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """The worker's ``method(*args, **kwargs)``; its result is ``pack``-ed (rank 0's latent travels
-        back as an out-of-band buffer, see ``transport``) and arrives as plain tensors at the driver."""
-        if self._worker is None:
-            self._worker = _resolve(self._worker_cls)()
-        return pack(getattr(self._worker, method)(*args, **kwargs))
-
-    def execute_reporting(self, sink: Any, preview_interval_s: float | None, call: int, method: str, *args: Any,
-                          **kwargs: Any) -> tuple[Any, list[Any]]:
-        """``execute`` with a ``progress`` reporter that sends to ``sink`` (fire-and-forget, ordered).
-
-        Returns ``(result, log)``: ``log`` lists every report of this call (``progress.SinkReporter``),
-        so the driver needs no drain after the result; rank 0 waits for a report to land only when it
-        carried a preview (``settle``).
-        """
-        reporter = SinkReporter(sink, preview_interval_s, call)
-        out = self.execute(method, *args, progress=reporter, **kwargs)
-        reporter.settle()
-        return out, reporter.log
 
 
 def _last_line(err: BaseException) -> str:
@@ -135,6 +82,7 @@ class RayExecutor(Executor):
         self._rendezvous_dir: str | None = None
         self._sink: Any = None  # ProgressSink actor, started on the first call that reports progress
         self._calls = 0  # id of the last call that reported progress (tags its reports in the sink)
+        self._sent = kept.SentTensors()  # the request tensors every rank holds from the last call
         if self.world_size < 1:
             raise WorkerError("gpu_devices: no device to start a worker on")
         self._check_resources()
@@ -261,10 +209,29 @@ class RayExecutor(Executor):
             raise ValueError(f"per_rank_args has {len(per_rank_args)} entries for {self.world_size} ranks")
         # Large CPU tensors (noise, latents, conditioning, LoRA weights) travel as out-of-band buffers, not
         # through torch's in-band pickling (2 ranks, ~19 MB Flux request: 67 -> 25 ms); actors get plain tensors.
-        args, kw = pack(tuple(args)), pack(kwargs or {})
+        # Shared ones every rank holds from the last call (ComfyUI's cached conditioning) travel as a key.
+        table = None
+        kw = pack(kwargs or {})
         if per_rank_args is not None:
             per_rank_args = [pack(tuple(a)) for a in per_rank_args]
-        elif self.world_size > 1:
+        else:
+            args, table = self._sent.mark(tuple(args))
+        try:
+            refs = self._submit(method, args, kw, per_rank_args, on_progress)
+            feed = CallProgress(on_progress, self._calls) if on_progress is not None else None
+            # The copy of what was sent is taken while the ranks sample, off the request's critical path.
+            idle = (lambda: self._sent.snapshot(table)) if table is not None else None
+            results = self._gather(refs, method, timeout, feed, idle)
+        except BaseException:
+            self._sent.forget()  # some rank may not have the call's tensors: send them all next time
+            raise
+        self._sent.commit(table)
+        return results
+
+    def _submit(self, method: str, args: tuple[Any, ...], kw: dict[str, Any],
+                per_rank_args: list[tuple[Any, ...]] | None, on_progress: ProgressHook | None) -> list[Any]:
+        """Start ``method`` on every rank with packed arguments; returns one ref per rank (rank order)."""
+        if per_rank_args is None and self.world_size > 1:
             # Serialise a shared argument (a request with latents and conditioning) once, not once per rank;
             # Ray resolves top-level ObjectRef arguments before the method runs.
             args = tuple(self._ray.put(a) for a in args)
@@ -277,8 +244,7 @@ class RayExecutor(Executor):
                 refs.append(a.execute_reporting.remote(sink, every, self._calls, method, *rank_args, **kw))
             else:
                 refs.append(a.execute.remote(method, *rank_args, **kw))
-        feed = CallProgress(on_progress, self._calls) if on_progress is not None else None
-        return self._gather(refs, method, timeout, feed)
+        return refs
 
     def _progress_sink(self) -> Any:
         """The pool's ``ProgressSink`` actor (started once, on the driver's node, books no CPU)."""
@@ -310,45 +276,56 @@ class RayExecutor(Executor):
             self._fail(f"{method}: the progress hook raised {type(e).__name__}")
             raise
 
-    def _gather(self, refs: list[Any], method: str, timeout: float, feed: CallProgress | None = None) -> list[Any]:
+    def _gather(self, refs: list[Any], method: str, timeout: float, feed: CallProgress | None = None,
+                idle: Callable[[], None] | None = None) -> list[Any]:
         """Results in rank order; the first failure (not the slowest rank) ends the wait.
 
         ``ray.wait`` returns the moment a result is ready, and every other ready result is taken in the
         same pass. With ``feed``, rank 0's ref holds ``(result, log)`` (``execute_reporting``): the sink
         is drained every ``PROGRESS_POLL_S`` while rank 0 runs (never because a result came), and the
         reports still missing when rank 0 returns come from its log (``CallProgress.finish``).
+        ``idle`` (driver-side bookkeeping) runs once, ``IDLE_AFTER_S`` into the call, when the ranks are
+        past unpickling and the driver would only wait; after the results for a shorter call.
         """
         ray = self._ray
         rank_of = {ref: r for r, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
-        deadline = time.monotonic() + timeout
-        next_drain = time.monotonic() + PROGRESS_POLL_S
+        start = time.monotonic()
+        deadline, next_drain, idle_at = start + timeout, start + PROGRESS_POLL_S, start + IDLE_AFTER_S
         while pending:
             now = time.monotonic()
-            left = deadline - now
-            if left <= 0:
-                slow = sorted(rank_of[r] for r in pending)
-                self._fail(f"{method} timed out after {timeout:.0f} s on rank(s) {slow}")
-                raise WorkerTimeout(f"{method}: rank(s) {slow} did not answer within {timeout:.0f} s")
-            if self.abort_check is not None and self.abort_check():
-                self._fail(f"{method} was interrupted")
-                raise WorkerInterrupted(f"{method}: interrupted; the workers were stopped")
-            wait_s = min(left, max(0.0, next_drain - now) if feed is not None else POLL_S)
-            ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            self._check_wait(method, timeout, deadline - now, sorted(rank_of[r] for r in pending))
+            due = [deadline, now + POLL_S] + ([next_drain] if feed else []) + ([idle_at] if idle else [])
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(due) - now))
             if ready and pending:  # the others that are ready too: no extra wait slice per rank
                 more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
                 ready += more
             for ref in ready:
                 results[rank_of[ref]] = self._result(ref, rank_of[ref], method)
+            now = time.monotonic()
             if feed is not None and 0 in results:
                 results[0], log = results[0]
                 self._progress(method, lambda f=feed, lg=log: f.finish(lg, lambda: self._drain(method)))
                 feed = None  # rank 0 is done: its log held the last of its reports
-            elif feed is not None and time.monotonic() >= next_drain - DRAIN_SLACK_S:
+            elif feed is not None and now >= next_drain - DRAIN_SLACK_S:
                 self._progress(method, lambda f=feed: f.take(self._drain(method)))
                 next_drain = time.monotonic() + PROGRESS_POLL_S
+            if idle is not None and pending and now >= idle_at - DRAIN_SLACK_S:
+                idle, run = None, idle
+                run()
+        if idle is not None:
+            idle()
         return [results[r] for r in range(len(refs))]
+
+    def _check_wait(self, method: str, timeout: float, left: float, pending_ranks: list[int]) -> None:
+        """Stop every worker and raise when the call ran out of time or the caller asked to stop."""
+        if left <= 0:
+            self._fail(f"{method} timed out after {timeout:.0f} s on rank(s) {pending_ranks}")
+            raise WorkerTimeout(f"{method}: rank(s) {pending_ranks} did not answer within {timeout:.0f} s")
+        if self.abort_check is not None and self.abort_check():
+            self._fail(f"{method} was interrupted")
+            raise WorkerInterrupted(f"{method}: interrupted; the workers were stopped")
 
     def _result(self, ref: Any, rank: int, method: str) -> Any:
         """A ready result, or (every worker stopped) ``WorkerError`` naming the rank and the cause."""

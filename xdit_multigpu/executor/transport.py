@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 MIN_WIRE_BYTES = 64 * 1024  # below this, torch's own pickling costs less than the extra buffer
@@ -29,12 +30,18 @@ class _Wire:
         self.tensor = tensor
 
     def __reduce__(self) -> tuple[Any, tuple[Any, str, tuple[int, ...]]]:
-        import torch  # noqa: PLC0415
+        return _rebuild, wire_fields(self.tensor)
 
-        t = self.tensor.resolve_conj().resolve_neg().contiguous()
-        # A uint8 view carries every dtype's exact bits (bf16 and float8 have no numpy dtype).
-        raw = t.reshape(-1).view(torch.uint8).numpy()
-        return _rebuild, (raw, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+def wire_fields(tensor: Any) -> tuple[Any, str, tuple[int, ...]]:
+    """``(raw, dtype name, shape)`` for ``_rebuild``: ``raw`` is a numpy ``uint8`` view of the bytes (no copy
+    for a contiguous tensor), which pickle protocol 5 hands to Ray as an out-of-band buffer."""
+    import torch  # noqa: PLC0415
+
+    t = tensor.resolve_conj().resolve_neg().contiguous()
+    # A uint8 view carries every dtype's exact bits (bf16 and float8 have no numpy dtype).
+    raw = t.reshape(-1).view(torch.uint8).numpy()
+    return raw, str(t.dtype).removeprefix("torch."), tuple(t.shape)
 
 
 def _rebuild(raw: Any, dtype_name: str, shape: tuple[int, ...]) -> Any:
@@ -77,17 +84,24 @@ def pack(obj: Any) -> Any:
     is. A container or dataclass is copied only when something inside it changed, else returned as is
     (``pack(x) is x``). A tensor or container reached twice is packed once and stays shared.
     """
+    return wrap_tensors(obj, _Wire)
+
+
+def wrap_tensors(obj: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``pack`` with ``leaf(tensor)`` as the wrapper of each large CPU tensor (same walk, same rules, same
+    sharing); ``leaf`` is called once per distinct tensor and must return a picklable stand-in."""
     import sys  # noqa: PLC0415
 
     if "torch" not in sys.modules:  # no tensor can exist without torch: nothing to wrap, nothing to import
         return obj
-    return _Packer().walk(obj)
+    return _Packer(leaf).walk(obj)
 
 
 class _Packer:
     """One ``pack`` call: the memo that keeps shared objects shared and stops at cycles."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaf: Callable[[Any], Any]) -> None:
+        self._leaf = leaf
         self._done: dict[int, Any] = {}  # id(original) -> packed (the originals stay alive in the input)
         self._active: set[int] = set()  # containers being walked (a cycle back to one is left as is)
 
@@ -101,7 +115,7 @@ class _Packer:
         if key in self._active:
             return obj
         if _wants_wire(obj):
-            out: Any = _Wire(obj)
+            out: Any = self._leaf(obj)
         elif kind is list or kind is tuple or kind is dict or _is_dataclass_instance(obj):
             self._active.add(key)
             try:
