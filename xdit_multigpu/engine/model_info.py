@@ -17,11 +17,9 @@ from ..config import LoaderKind
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import all_specs, lookup
 from ..models.registry import ModelSpec
+from ..worker.prefetch import DTYPES
 
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
+_ST_DTYPES = {code: torch_name for code, (torch_name, _) in DTYPES.items()}  # safetensors code -> torch dtype name
 
 
 @dataclass(frozen=True)
