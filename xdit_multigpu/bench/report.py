@@ -143,19 +143,22 @@ def _max(xs: Any) -> float | None:
     return max(vals) if vals else None
 
 
+def _pools(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """(model, device count, engine entry, its ``pool_start_phases``) per pool that recorded phases, in order."""
+    return [(name, n, eng, eng["pool_start_phases"]) for name, m in report.get("models", {}).items()
+            for n, eng in sorted((m.get("engine") or {}).items(), key=lambda kv: int(kv[0]))
+            if eng.get("pool_start_phases")]
+
+
 def _phase_lines(report: dict[str, Any]) -> list[str]:
     """One line per pool: where its start went (``pool_start_phases``; older JSON without it: nothing)."""
     lines = []
-    for name, m in report.get("models", {}).items():
-        for n, eng in sorted((m.get("engine") or {}).items(), key=lambda kv: int(kv[0])):
-            p = eng.get("pool_start_phases")
-            if not p:
-                continue
-            where = "GPU" if p.get("resident") else "system RAM"
-            lines.append(f"| {name} | {n} | {_f(eng.get('pool_start_s'))} | {_f(p.get('cluster_s'))} | "
-                         f"{_f(p.get('actors_s'))} | {_f(p.get('init_s'))} | {_f(_max(p.get('import_s')))} | "
-                         f"{_f(_max(p.get('pg_s')))} | {_f(p.get('load_s'))} | {_f(_max(p.get('rank_load_s')))} | "
-                         f"{where} ({p.get('resident_reason') or '–'}) |")
+    for name, n, eng, p in _pools(report):
+        where = "GPU" if p.get("resident") else "system RAM"
+        lines.append(f"| {name} | {n} | {_f(eng.get('pool_start_s'))} | {_f(p.get('cluster_s'))} | "
+                     f"{_f(p.get('actors_s'))} | {_f(p.get('init_s'))} | {_f(_max(p.get('import_s')))} | "
+                     f"{_f(_max(p.get('pg_s')))} | {_f(p.get('load_s'))} | {_f(_max(p.get('rank_load_s')))} | "
+                     f"{where} ({p.get('resident_reason') or '–'}) |")
     if not lines:
         return []
     return (["### Pool start phases", "",
@@ -176,17 +179,15 @@ def _least(xs: Any) -> float | None:
 def _prefetch_lines(report: dict[str, Any]) -> list[str]:
     """Where the slowest rank's import went and what the prefetch did (JSON from before both: nothing)."""
     lines = []
-    for name, m in report.get("models", {}).items():
-        for n, eng in sorted((m.get("engine") or {}).items(), key=lambda kv: int(kv[0])):
-            p = eng.get("pool_start_phases") or {}
-            if "torch_s" not in p and "prefetch_used" not in p:
-                continue
-            used = p.get("prefetch_used") or []
-            slowest = [_f(_max(p.get(k))) for k in ("torch_s", "cuda_init_s", "comfy_mm_s", "comfy_sd_s")]
-            lines.append(f"| {name} | {n} | {' | '.join(slowest)} | {sum(bool(u) for u in used)}/{len(used)} | "
-                         f"{_f(_max(p.get('prefetch_read_s')))} | {_f(_least(p.get('prefetch_gbps')))} | "
-                         f"{_f(_max(p.get('prefetch_wait_s')))} | {_f(_max(p.get('sd_load_s')))} | "
-                         f"{(p.get('prefetch_note') or '–').replace('|', ';')} |")
+    for name, n, _, p in _pools(report):
+        if "torch_s" not in p and "prefetch_used" not in p:
+            continue
+        used = p.get("prefetch_used") or []
+        slowest = [_f(_max(p.get(k))) for k in ("torch_s", "cuda_init_s", "comfy_mm_s", "comfy_sd_s")]
+        lines.append(f"| {name} | {n} | {' | '.join(slowest)} | {sum(bool(u) for u in used)}/{len(used)} | "
+                     f"{_f(_max(p.get('prefetch_read_s')))} | {_f(_least(p.get('prefetch_gbps')))} | "
+                     f"{_f(_max(p.get('prefetch_wait_s')))} | {_f(_max(p.get('sd_load_s')))} | "
+                     f"{(p.get('prefetch_note') or '–').replace('|', ';')} |")
     if not lines:
         return []
     return (["| model | GPUs | torch (s) | CUDA init (s) | model_management (s) | comfy.sd (s) | prefetch ranks | "
