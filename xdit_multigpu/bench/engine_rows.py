@@ -8,6 +8,7 @@ pool per device count serves every size and strategy (pool start is paid once).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -169,16 +170,14 @@ def run_model(engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: Devi
         jobs += [("Hybrid", size, LEGACY) for size in sizes]
     if getattr(opts, "graphs_ab", False) and kind is DeviceKind.CUDA:
         jobs += [("Hybrid", size, GRAPHS_OFF) for size in sizes]
-    if n > 1:
-        jobs += [("Hybrid", size, f"{CHUNKS}{c}") for c in getattr(opts, "chunks_ab", None) or () for size in sizes]
     runs = {None: bench.row, LEGACY: bench.legacy_row, GRAPHS_OFF: bench.graphs_off_row}
+    if n > 1:
+        for c in getattr(opts, "chunks_ab", None) or ():
+            runs[f"{CHUNKS}{c}"] = functools.partial(bench.env_row, env={"XDIT_ULYSSES_CHUNKS": str(c)})
+            jobs += [("Hybrid", size, f"{CHUNKS}{c}") for size in sizes]
     for strategy, size, variant in jobs:
         key = f"{strategy} ({variant})/{size}" if variant else f"{strategy}/{size}"
         try:
-            if variant and variant.startswith(CHUNKS):
-                env = {"XDIT_ULYSSES_CHUNKS": variant[len(CHUNKS):]}
-                result["rows"][key] = bench.env_row(strategy, size, stock_latents.get(size), env)
-                continue
             result["rows"][key] = runs[variant](strategy, size, stock_latents.get(size))
         except ConfigError as e:
             result["rows"][key] = {"skipped": str(e)}
