@@ -165,6 +165,18 @@ def measure(bench: Any, arch: Any, args: argparse.Namespace, kind: str) -> list[
     return rows
 
 
+def ray_floor(bench: Any, calls: int) -> dict[str, float]:
+    """Ray's own round trip on this pool: a no-op call on every rank (``Worker.ping``), median and p25-p75
+    ms over ``calls``; the part of dispatch that no request packing can remove."""
+    executor = bench.engine.pool(bench.spec("Hybrid")).executor
+    times = []
+    for _ in range(calls + 2):
+        t0 = time.perf_counter()
+        executor.collective_rpc("ping", timeout=60)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"ping all ranks": summary([{"ms": t} for t in times[2:]])["ms"]}
+
+
 def summary(rows: list[dict[str, float]]) -> dict[str, tuple[float, float, float]]:
     """(median, 25th, 75th percentile) per phase."""
     out = {}
@@ -228,12 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.kinds:
             raw[kind] = measure(bench, arch, args, kind)
             results[kind] = summary(raw[kind])
+        floor = ray_floor(bench, args.requests)
     finally:
         bench.release()
     print(table(results))
+    print("Ray floor: " + ", ".join(f"{k} {v[0]:.2f} ms ({v[1]:.2f}-{v[2]:.2f})" for k, v in floor.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": raw, "summary": results}, f, indent=1)
+            json.dump({"args": vars(args), "rows": raw, "summary": results, "ray_floor": floor,
+                       "ray_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_max_direct")}}, f, indent=1)
     return 0
 
 

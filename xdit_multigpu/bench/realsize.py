@@ -198,6 +198,7 @@ def write_model(arch: Arch, out_dir: str, device: str = "cuda") -> dict[str, Any
         tiny = write_one(arch.tiny_family, out_dir)
         return {"path": tiny.path, "bytes": os.path.getsize(tiny.path), "write_s": 0.0,
                 "unet_config_json": tiny.unet_config_json}
+    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, arch.filename)
     if os.path.isfile(path):
         return {"path": path, "bytes": os.path.getsize(path), "write_s": 0.0, "unet_config_json": None}

@@ -52,8 +52,12 @@ def _rebuild(raw: Any, dtype_name: str, shape: tuple[int, ...]) -> Any:
     """
     import torch  # noqa: PLC0415
 
-    # torch.tensor copies a (read-only) numpy array into torch-owned memory without a warning.
-    return torch.tensor(raw).view(getattr(torch, dtype_name)).reshape(shape)
+    # numpy copies on one thread at memory speed; torch.tensor(raw) would wake every intra-op thread,
+    # which on a many-core host beside busy ranks cost milliseconds per call (bench.dispatch).
+    dtype = getattr(torch, dtype_name)
+    if raw.size == 0:  # numpy hands empty arrays a zero stride, which a dtype view refuses
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
 
 
 def _wants_wire(obj: Any) -> bool:

@@ -120,6 +120,8 @@ HUNYUAN_DIT = register(
         # HunyuanDiT's forward adds control["output"].pop() to the long-skip input of the blocks after the
         # middle, outside the block replace, while the stream is sharded: the local rows are handed out.
         control_residuals=True,
+        # No CUDA graphs: its forward copies a CPU tensor to the GPU inside the call, which capture refuses
+        # (GPU run 5); such a call stays eager anyway, so auto does not try.
     )
 )
 
@@ -162,6 +164,7 @@ CHROMA = register(
         "+ attention override",
         sequence_parallel=LazyInstaller("xdit_multigpu.models.chroma", "install_sequence_parallel"),
         notes="ControlNet: CFG parallel only",
+        cuda_graphs=True,  # GPU: graphed == eager, bit for bit (benchmarks.md, run 5)
     )
 )
 
@@ -182,5 +185,6 @@ QWEN_IMAGE = register(
         sequence_parallel=LazyInstaller("xdit_multigpu.models.qwen_image", "install_sequence_parallel"),
         notes="double_block model patches (DiffSynth ControlNet): CFG parallel only",
         control_residuals=True,  # control["input"][i] added to the first L image rows after block i
+        cuda_graphs=True,  # GPU: graphed == eager, bit for bit (benchmarks.md, run 5)
     )
 )
