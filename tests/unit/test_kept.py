@@ -123,3 +123,46 @@ def test_a_key_the_rank_does_not_hold_is_an_error_not_a_wrong_tensor():
     marked, _ = sent.mark(req)
     with pytest.raises(RuntimeError, match="out of step"):
         pickle.loads(pickle.dumps(marked, protocol=5))
+
+
+def _raw(n: int, seed: int = 0):
+    """``n`` random bytes as a uint8 tensor (what ``kept._bytes`` hands ``_same_bytes``)."""
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# 8 | n (int64 words), 4 | n but not 8 (int32 words), odd (uint8), the 1- and 3-byte edges.
+SIZES = [1, 3, 4100, 4101, 4104]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_same_bytes_sees_one_flipped_byte_anywhere(n: int, where: str):
+    """Equal copies compare equal; one flipped byte (the tail's last one included) does not."""
+    a = _raw(n)
+    assert kept._same_bytes(a, a.clone())
+    b = a.clone()
+    i = {"first": 0, "middle": n // 2, "last": n - 1}[where]
+    b[i] ^= 0x01
+    assert not kept._same_bytes(a, b) and not kept._same_bytes(b, a)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_same_bytes_is_false_for_different_lengths(n: int):
+    a = _raw(n + 1)
+    assert not kept._same_bytes(a[:n], a) and not kept._same_bytes(a, a[:n])
+    assert not kept._same_bytes(a[:0], a[:1]) and kept._same_bytes(a[:0], a[:0].clone())
+
+
+@pytest.mark.parametrize("count", [3, 2050, 2051, 2052], ids=lambda c: f"{2 * c}B")
+def test_same_bytes_compares_bf16_bits_not_values(count: int):
+    """bf16 (no numpy dtype) viewed as bytes: -0.0 is not 0.0 and a NaN equals the same NaN, bit for bit."""
+    x = torch.randn(count, generator=torch.Generator().manual_seed(count)).to(torch.bfloat16)
+    x[-1] = float("nan")
+    assert kept._same_bytes(kept._bytes(x), kept._bytes(x.clone()))  # NaN != NaN as values, equal as bits
+    x[-1] = 0.0
+    y = x.clone()
+    y[-1] = -0.0  # equal as values, one sign bit apart
+    assert not kept._same_bytes(kept._bytes(x), kept._bytes(y))
+    y = x.clone()
+    y.view(torch.int16)[-1] ^= 1  # the lowest mantissa bit of the last element
+    assert not kept._same_bytes(kept._bytes(x), kept._bytes(y))

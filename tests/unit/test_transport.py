@@ -8,15 +8,17 @@ import pathlib
 import pickle
 import subprocess
 import sys
+import warnings
 from collections import namedtuple
 
+import numpy as np
 import pytest
 
 from xdit_multigpu.engine.model_delta import ModelDelta
 from xdit_multigpu.engine.request import SampleRequest
 from xdit_multigpu.engine.travel import pack as travel_pack
 from xdit_multigpu.engine.travel import unpack as travel_unpack
-from xdit_multigpu.executor.transport import MIN_WIRE_BYTES, _Wire, pack
+from xdit_multigpu.executor.transport import MIN_WIRE_BYTES, _rebuild, _Wire, pack, wire_fields
 
 torch = pytest.importorskip("torch")
 
@@ -100,6 +102,26 @@ def test_received_tensors_are_writable_and_own_their_memory():
     assert torch.equal(got, torch.arange(BIG, dtype=torch.float32) + 1.0)
     assert torch.equal(t, torch.arange(BIG, dtype=torch.float32))  # the sender's tensor is untouched
     assert got.data_ptr() != t.data_ptr()
+
+
+@pytest.mark.parametrize(("dtype", "shape"), [(torch.float32, (3, 4097)), (torch.bfloat16, (2, 3, 1001)),
+                                            (torch.int64, (513,)), (torch.float32, (2, 0, 16))], ids=str)
+def test_rebuild_from_a_read_only_buffer_owns_writable_memory(dtype: torch.dtype, shape: tuple[int, ...]):
+    """``_rebuild`` on a read-only uint8 array (Ray's shared store) copies: exact bits, no shared memory."""
+    t = _random(shape, dtype, seed=5)
+    arr = _bits(t).numpy().copy()
+    arr.flags.writeable = False
+    before = arr.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a non-writable array without copying
+        got = _rebuild(arr, *wire_fields(t)[1:])
+    _same(t, got)
+    out = _bits(got)
+    assert not np.shares_memory(out.numpy(), arr)
+    out.bitwise_not_()  # writable, and writing leaves the buffer alone
+    assert np.array_equal(arr, before)
+    if got.numel():
+        assert not torch.equal(_bits(got), torch.from_numpy(before))
 
 
 def test_zero_copy_path_sends_the_bytes_out_of_band():
