@@ -23,9 +23,9 @@ REL_L2 = 1e-2
 IMAGE = ["flux", "sd3", "pixart_sigma", "hunyuan_dit", "sdxl", "chroma", "qwen_image"]
 VIDEO = ["lumina2", "zimage", "wan21", "wan22"]  # tiny_models_video; Wan: 5-D latents
 FAMILIES = IMAGE + VIDEO
-# Capture refused on GPUs (docs/benchmarks.md, run 5): HunyuanDiT copies a CPU tensor to the GPU inside its
+# Capture refused on GPUs (docs/benchmarks.md, run 5): HunyuanDiT and Wan copy a CPU tensor to the GPU inside their
 # forward. Forced graphs must then stay eager (failure recorded, latent unchanged); auto never tries.
-REFUSED = {"hunyuan_dit"}
+REFUSED = {"hunyuan_dit", "wan21", "wan22"}
 RESULTS: list[dict] = []
 
 
