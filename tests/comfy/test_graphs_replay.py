@@ -9,6 +9,8 @@ Real ``torch.cuda.graph`` capture is compared with eager sampling in the GPU tie
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 pytestmark = pytest.mark.comfy
@@ -123,6 +125,9 @@ def test_auto_only_for_families_verified_on_gpus(tiny_models):
     assert not family.cuda_graphs and lookup("Flux").cuda_graphs
     patcher, req = _patcher(tiny), _request(tiny, "euler", 3.0)
     same, stats = install(patcher, CudaGraphs.AUTO, ReplayBackend(), family=family)
+    assert same is patcher and "capture refuses" in stats.off_reason  # GPU run 5: HunyuanDiT's forward
+    unverified = dataclasses.replace(family, cuda_graphs_refused="")  # a family no GPU run has tried yet
+    same, stats = install(patcher, CudaGraphs.AUTO, ReplayBackend(), family=unverified)
     assert same is patcher and "not yet verified" in stats.off_reason
     forced, stats = install(patcher, CudaGraphs.ON, ReplayBackend(), family=family)
     assert torch.equal(comfy_runtime.run_sampler(forced, req), comfy_runtime.run_sampler(patcher, req))

@@ -178,11 +178,11 @@ def ray_floor(bench: Any, calls: int) -> dict[str, float]:
 
 
 def summary(rows: list[dict[str, float]]) -> dict[str, tuple[float, float, float]]:
-    """(median, 25th, 75th percentile) per phase."""
+    """(median, 25th, 75th percentile) per phase; "inclusive": quartiles stay within the measured values."""
     out = {}
     for key in rows[0]:
         values = sorted(r[key] for r in rows)
-        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
         out[key] = (round(statistics.median(values), 2), round(q[0], 2), round(q[2], 2))
     return out
 

@@ -108,6 +108,9 @@ PIXART = register(
     )
 )
 
+# What CUDA graph capture says to HunyuanDiT's and Wan's forwards (tests/gpu/test_graphs_bf16.py).
+_CPU_COPY = "its forward copies a CPU tensor to the GPU inside the call, which capture refuses"
+
 HUNYUAN_DIT = register(
     ModelSpec(
         name="hunyuan_dit",
@@ -120,8 +123,7 @@ HUNYUAN_DIT = register(
         # HunyuanDiT's forward adds control["output"].pop() to the long-skip input of the blocks after the
         # middle, outside the block replace, while the stream is sharded: the local rows are handed out.
         control_residuals=True,
-        # No CUDA graphs: its forward copies a CPU tensor to the GPU inside the call, which capture refuses
-        # (GPU run 5); such a call stays eager anyway, so auto does not try.
+        cuda_graphs_refused=_CPU_COPY,  # GPU run 5; such a call stays eager anyway, so auto does not try
     )
 )
 
@@ -136,6 +138,7 @@ LUMINA2 = register(
         "the last) + attention override",
         sequence_parallel=LazyInstaller("xdit_multigpu.models.lumina", "install_sequence_parallel"),
         notes="caption refiner runs whole on every rank; Z-Image (30 heads): Ulysses 2 / 3 / 5, rest on Ring",
+        cuda_graphs=True,  # GPU: graphed == eager, bit for bit, Lumina 2 and Z-Image (benchmarks.md, run 5)
     )
 )
 
@@ -150,6 +153,7 @@ WAN_T2V = register(
         "+ blocks.i.cross_attn object patch (text cross-attention stays local) + attention override",
         sequence_parallel=LazyInstaller("xdit_multigpu.models.wan", "install_sequence_parallel"),
         notes="text-to-video only (Wan 2.2 A14B loads as WAN21_T2V); I2V / VACE / camera / S2V are refused",
+        cuda_graphs_refused=_CPU_COPY,  # GPU run 5, Wan 2.1 and 2.2
     )
 )
 

@@ -19,7 +19,7 @@ def render() -> str:
     ]
     for spec in all_specs():
         marks = ["yes" if spec.supports(a) else "no" for a in (Axis.CFG, Axis.ULYSSES, Axis.RING)]
-        graphs = "yes" if spec.cuda_graphs else "on request"
+        graphs = "yes" if spec.cuda_graphs else ("no (capture refused)" if spec.cuda_graphs_refused else "on request")
         rows.append(f"| {spec.display} | {' | '.join(marks)} | {graphs} | {spec.hook} | {spec.notes} |")
     return "\n".join([BEGIN, *rows, END])
 

@@ -50,6 +50,8 @@ class ModelSpec:
     # XDIT_CUDA_GRAPHS=auto replays CUDA graphs for this family: set once a GPU run showed the graphed
     # latent equal to the eager one (tests/gpu/test_graphs_bf16.py). False: eager unless "on".
     cuda_graphs: bool = False
+    # Why capture fails for this family on GPUs (shown in the support matrix); such a call stays eager.
+    cuda_graphs_refused: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def supports(self, axis: Axis) -> bool:

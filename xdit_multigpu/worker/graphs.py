@@ -286,7 +286,9 @@ def install(patcher: Any, mode: CudaGraphs, backend: Any = None, family: Any = N
         return patcher, None
     stats_only = GraphStats()
     if mode is CudaGraphs.AUTO and family is not None and not getattr(family, "cuda_graphs", False):
-        stats_only.off_reason = f"not yet verified on GPUs for {family.display}; XDIT_CUDA_GRAPHS=on replays it anyway"
+        refused = getattr(family, "cuda_graphs_refused", "")
+        stats_only.off_reason = (f"{family.display}: {refused}" if refused else
+                                 f"not yet verified on GPUs for {family.display}; XDIT_CUDA_GRAPHS=on replays it anyway")
         return patcher, stats_only
     if mode is CudaGraphs.AUTO:
         foreign = foreign_object_patches(getattr(patcher, "object_patches", {}) or {})
