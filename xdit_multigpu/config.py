@@ -282,16 +282,19 @@ class VAEParallelConfig:
         return "GPU " + ",".join(d.split(":")[-1] for d in self.devices)
 
 
-def _env_number(name: str, default: float, minimum: float) -> float:
+def env_number(name: str, default: float, minimum: float, *, exclusive: bool = False) -> float:
+    """Environment variable ``name`` as a number >= ``minimum`` (``exclusive``: > ``minimum``), ``default``
+    when unset or blank; anything else is a ``ConfigError`` naming the variable and the fix."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise ConfigError(name, f'"{raw}" is not a number >= {minimum:g}', f"Set {name} to a number, or unset it")
+        value = float("nan")  # fails both comparisons below
+    if not (value > minimum if exclusive else value >= minimum):
+        bound = f"{'>' if exclusive else '>='} {minimum:g}"
+        raise ConfigError(name, f'"{raw}" is not a number {bound}', f"Set {name} to a number {bound}, or unset it")
     return value
 
 
@@ -315,9 +318,9 @@ def parse_vae_parallel(text: str, visible_gpus: int | None) -> VAEParallelConfig
     devices = ("cpu",) * ds.world_size if ds.kind is DeviceKind.CPU else tuple(f"cuda:{i}" for i in ds.ids)
     return VAEParallelConfig(
         devices=devices,
-        tile_pixels=int(_env_number(VAE_TILE_PIXELS_ENV, 0, 0)),
-        timeout_s=_env_number(VAE_TILE_TIMEOUT_ENV, 600.0, 1.0),
-        max_batch=int(_env_number(VAE_TILE_BATCH_ENV, 1, 1)),
+        tile_pixels=int(env_number(VAE_TILE_PIXELS_ENV, 0, 0)),
+        timeout_s=env_number(VAE_TILE_TIMEOUT_ENV, 600.0, 1.0),
+        max_batch=int(env_number(VAE_TILE_BATCH_ENV, 1, 1)),
         blend=_env_blend(),
     )
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from xdit_multigpu.config import DeviceKind, DeviceSet, DispatcherSpec, LoaderKind, LoadSpec, ResidentWeights
+from xdit_multigpu.config import (DeviceKind, DeviceSet, DispatcherSpec, LoaderKind, LoadSpec, PrefetchWeights,
+                                  ResidentWeights)
 from xdit_multigpu.errors import ConfigError
 from xdit_multigpu.worker import resident
 from xdit_multigpu.worker.resident import ResidentDecision, confirm, decide, worker_flags
@@ -152,13 +153,20 @@ def test_init_distributed_on_cpu_ranks_never_queries_cuda(fake_worker_imports):
 # --- XDIT_RESIDENT_WEIGHTS at the boundary ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("raw", "mode"), [(None, AUTO), ("", AUTO), (" ON ", ON), ("off", OFF), ("auto", AUTO)])
-def test_resident_weights_from_env(monkeypatch, raw, mode):
+@pytest.mark.parametrize(("switch", "var", "raw", "mode"), [
+    *[(ResidentWeights, "XDIT_RESIDENT_WEIGHTS", raw, mode)
+      for raw, mode in [(None, AUTO), ("", AUTO), (" ON ", ON), ("off", OFF), ("auto", AUTO)]],
+    *[(PrefetchWeights, "XDIT_PREFETCH", raw, mode)
+      for raw, mode in [(None, PrefetchWeights.AUTO), ("", PrefetchWeights.AUTO), (" OFF ", PrefetchWeights.OFF),
+                        ("auto", PrefetchWeights.AUTO)]],
+])
+def test_weight_switches_from_env(monkeypatch, switch, var, raw, mode):
+    """The two pool-start switches read their variable trimmed and case-blind; unset or blank is auto."""
     if raw is None:
-        monkeypatch.delenv("XDIT_RESIDENT_WEIGHTS", raising=False)
+        monkeypatch.delenv(var, raising=False)
     else:
-        monkeypatch.setenv("XDIT_RESIDENT_WEIGHTS", raw)
-    assert ResidentWeights.from_env() is mode
+        monkeypatch.setenv(var, raw)
+    assert switch.from_env() is mode
 
 
 def _spec(path="/nonexistent/model.safetensors", devices=None):

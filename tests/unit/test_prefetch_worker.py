@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from xdit_multigpu.config import LoaderKind, LoadSpec, PrefetchWeights
+from xdit_multigpu.config import LoaderKind, LoadSpec
 from xdit_multigpu.errors import ConfigError
 from xdit_multigpu.worker import comfy_runtime, resident
 from xdit_multigpu.worker import worker as worker_mod
@@ -267,14 +267,7 @@ def test_report_shows_the_prefetch_table_only_for_new_json():
     assert "prefetch ranks" not in render(old, {})
 
 
-@pytest.mark.parametrize(("raw", "mode"), [(None, PrefetchWeights.AUTO), ("", PrefetchWeights.AUTO),
-                                           (" OFF ", PrefetchWeights.OFF), ("auto", PrefetchWeights.AUTO)])
-def test_prefetch_from_env(monkeypatch, raw, mode):
-    if raw is None:
-        monkeypatch.delenv("XDIT_PREFETCH", raising=False)
-    else:
-        monkeypatch.setenv("XDIT_PREFETCH", raw)
-    assert PrefetchWeights.from_env() is mode
+# XDIT_PREFETCH parsing: tests/unit/test_pool_start.py::test_weight_switches_from_env (one table for both).
 
 
 def test_bad_prefetch_is_a_config_error_before_any_worker_starts(monkeypatch):

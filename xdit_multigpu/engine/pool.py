@@ -14,25 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DispatcherSpec, PrefetchWeights, ResidentWeights
-from ..errors import ConfigError, WorkerError, WorkerTimeout
+from ..config import DispatcherSpec, PrefetchWeights, ResidentWeights, env_number
+from ..errors import WorkerError, WorkerTimeout
 from ..executor.base import Executor, ProgressHook
 from .request import SampleRequest
 
 log = logging.getLogger("xdit_multigpu.pool")
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ConfigError(name, f'is "{raw}"', "Set it to a positive number of seconds, or unset it")
-    return value
 
 
 @dataclass(frozen=True)
@@ -51,10 +38,10 @@ class Timeouts:
     def from_env(cls) -> Timeouts:
         d = cls()
         return cls(
-            start_s=_env_seconds("XDIT_START_TIMEOUT_S", d.start_s),
-            sample_s=_env_seconds("XDIT_SAMPLE_TIMEOUT_S", d.sample_s),
-            collective_s=_env_seconds("XDIT_COLLECTIVE_TIMEOUT_S", d.collective_s),
-            health_s=_env_seconds("XDIT_HEALTH_TIMEOUT_S", d.health_s),
+            start_s=env_number("XDIT_START_TIMEOUT_S", d.start_s, 0.0, exclusive=True),
+            sample_s=env_number("XDIT_SAMPLE_TIMEOUT_S", d.sample_s, 0.0, exclusive=True),
+            collective_s=env_number("XDIT_COLLECTIVE_TIMEOUT_S", d.collective_s, 0.0, exclusive=True),
+            health_s=env_number("XDIT_HEALTH_TIMEOUT_S", d.health_s, 0.0, exclusive=True),
         )
 
 
