@@ -76,3 +76,18 @@ def test_merge_split_runs():
     assert "flux-dev" in merged["models"] and merged["total_s"] == 3.0
     md = render(merged, {})
     assert "| ulysses | 4 | 1024² | 60.0 |" in md and "| 50.0 |" in md  # ours on the same GPUs beside it
+
+
+def test_text_encode_joins_the_28_step_image_and_the_note_says_so():
+    rep = _report()
+    rep["summary"] = summarize(rep)
+    assert "text encoding is replaced by fixed conditioning" in render(rep, {})  # older JSON: no encode time
+    rep = _report()
+    rep["models"]["flux-dev"]["stock"]["sizes"]["1024"]["text_encode_s"] = 0.25
+    rep["models"]["flux-dev"]["engine"]["1"]["rows"]["Hybrid/1024"]["e2e_sampling_s"] = 4.0
+    rows = {(r["gpus"], r["strategy"]): r for r in summarize(rep)}
+    assert rows[(1, "stock ComfyUI")]["e2e_s"] == pytest.approx(0.25 + 5.0 + 0.5)  # encode + sampling + decode
+    assert rows[(1, "Hybrid")]["e2e_s"] == pytest.approx(0.25 + 4.0 + 0.5)  # the same encode on both sides
+    rep["summary"] = list(rows.values())
+    text = render(rep, {})
+    assert "CLIPTextEncode" in text and "flux-dev 250 ms" in text

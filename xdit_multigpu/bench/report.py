@@ -65,13 +65,23 @@ def render(report: dict[str, Any], plots: dict[str, str]) -> str:
                    f"{_f(r.get('e2e_s'), 2)} | {_peak(r.get('peak_gb'))} | {_f(r.get('dispatch_ms'))} | "
                    f"{_f(r.get('rel_l2_vs_stock'), 4) if isinstance(r.get('rel_l2_vs_stock'), float) else '–'} |")
     out += ["", "Speedups are ratios of medians from this run. *vs our 1 GPU*: the engine on a one-device pool; "
-            "*vs stock*: ComfyUI's own sampler in a fresh process. The 28-step image adds ComfyUI's VAE decode "
-            "(measured on 1 GPU in the stock process) to the engine's sampling wall time; text encoding is "
-            "replaced by fixed conditioning.", ""]
+            "*vs stock*: ComfyUI's own sampler in a fresh process. " + _e2e_note(rows), ""]
     out += _ab_lines(rows) + _pool_lines(report, rows) + _side_lines(report, rows) + _target_lines(report, rows) + _profile_lines(report)
     if plots:
         out += ["## Plots", ""] + [f"![speedup {name}]({path})" for name, path in sorted(plots.items())] + [""]
     return "\n".join(out) + "\n"
+
+
+def _e2e_note(rows: list[dict[str, Any]]) -> str:
+    """What the 28-step column adds to the sampling wall time (older JSON has no text-encode time)."""
+    timed = sorted({f"{r['model']} {r['text_encode_s'] * 1000:.0f} ms" for r in rows if r.get("text_encode_s")})
+    if not timed:
+        return ("The 28-step image adds ComfyUI's VAE decode (measured on 1 GPU in the stock process) to the "
+                "engine's sampling wall time; text encoding is replaced by fixed conditioning.")
+    return ("The 28-step image is ComfyUI's text encode (CLIPTextEncode with the model's real-size encoders, "
+            "random weights) + the sampling wall time + ComfyUI's VAE decode; encode and decode are measured "
+            f"on 1 GPU in the stock process, as both run in ComfyUI's process either way (text encode: "
+            f"{', '.join(timed)}; a model without one leaves it out).")
 
 
 AB_VARIANTS = (

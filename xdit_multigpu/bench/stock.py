@@ -4,7 +4,8 @@
 ``CUDA_VISIBLE_DEVICES`` set to one GPU) prints one ``STOCK_JSON {...}`` line. It runs the same
 protocol as the engine rows (``protocol.py``), with the same sampler call the workers make
 (``comfy_runtime.run_sampler``: ``comfy.sample.sample`` under ``inference_mode``, as ComfyUI's executor
-runs ``KSampler``), and also times ComfyUI's VAE decode of the image for the end-to-end figure.
+runs ``KSampler``), and also times ComfyUI's text encode (``text.py``) and VAE decode of the image for the
+end-to-end figure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from ..worker import comfy_runtime
     from .protocol import make_request
     from .realsize import ARCHS, random_vae
+    from .text import encode_s
 
     arch = ARCHS[job["model"]]
     t0 = time.perf_counter()
@@ -44,6 +46,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         timer.finish()
         return latent, timer.summary()
 
+    text: dict[str, Any] | None = None  # text encode: once per model (it does not depend on the image size)
     for size in job["sizes"]:
         reset_peak(cuda)
         sample(size, 2)  # warm-up: weights to the device, kernels, allocator
@@ -57,6 +60,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             row["e2e_sampling_s"] = run28["wall_s"]
             row["vae_decode_s"] = _decode_s(lambda c: random_vae(c, job.get("tiny_vae_dir")), arch.vae_channels,
                                             latent28, cuda)
+            if text is None:
+                text = encode_s(arch.name, cuda)
+            row.update(text)
         row.update(memory_stats(cuda))
         out["sizes"][str(size)] = row
     return out

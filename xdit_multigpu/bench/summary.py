@@ -35,9 +35,11 @@ def _size_rows(name: str, m: dict[str, Any], size: int) -> list[dict[str, Any]]:
     one = _get(m, "engine", "1", "rows", f"Hybrid/{size}") or {}
     ours1 = one.get("per_step_ms")
     vae = st.get("vae_decode_s")
+    text = st.get("text_encode_s")  # once per model, the same for every row: it runs in ComfyUI's process
     rows = [{"model": name, "size": size, "gpus": 1, "strategy": "stock ComfyUI", "plan": "ComfyUI sampler, 1 GPU",
              "per_step_ms": stock_ms, "speedup_vs_ours_1": _ratio(ours1, stock_ms), "speedup_vs_stock": 1.0 if stock_ms else None,
-             "peak_gb": [st.get("peak_allocated_gb")], "e2e_s": _e2e(st.get("e2e_sampling_s"), vae),
+             "peak_gb": [st.get("peak_allocated_gb")], "e2e_s": _e2e(st.get("e2e_sampling_s"), vae, text),
+             "text_encode_s": text,
              "setup_ms": st.get("setup_ms"),
              "error": _get(m, "stock", "error")}]
     for n, eng in sorted(m.get("engine", {}).items(), key=lambda kv: int(kv[0])):
@@ -52,7 +54,8 @@ def _size_rows(name: str, m: dict[str, Any], size: int) -> list[dict[str, Any]]:
             rows.append({
                 "model": name, "size": size, "gpus": int(n), "strategy": strategy, "plan": row.get("plan"),
                 "per_step_ms": ms, "speedup_vs_ours_1": _ratio(ours1, ms), "speedup_vs_stock": _ratio(stock_ms, ms),
-                "peak_gb": row.get("peak_allocated_gb"), "e2e_s": _e2e(row.get("e2e_sampling_s"), vae),
+                "peak_gb": row.get("peak_allocated_gb"), "e2e_s": _e2e(row.get("e2e_sampling_s"), vae, text),
+                "text_encode_s": text,
                 "dispatch_ms": _median(row.get("dispatch_ms")), "pool_start_s": eng.get("pool_start_s"),
                 "setup_ms": row.get("setup_ms"), "attention_paths": _paths(row.get("attention_paths")),
                 "rel_l2_vs_stock": _get(row, "vs_stock", "rel_l2"), "error": row.get("error") or row.get("skipped"),
@@ -70,8 +73,11 @@ def _graphs(g: dict[str, Any] | None) -> str | None:
     return text + (f" ({g['off_reason']})" if g.get("off_reason") else "")
 
 
-def _e2e(sampling: float | None, vae: float | None) -> float | None:
-    return round(sampling + vae, 3) if sampling is not None and vae is not None else sampling
+def _e2e(sampling: float | None, vae: float | None, text: float | None = None) -> float | None:
+    """Text encode (when timed) + sampling + VAE decode; the sampling time alone without a decode time."""
+    if sampling is None or vae is None:
+        return sampling
+    return round((text or 0.0) + sampling + vae, 3)
 
 
 def _median(xs: list[float] | None) -> float | None:
