@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from xdit_multigpu.bench.report import render, svg_chart
+from xdit_multigpu.bench.plots import svg_chart
+from xdit_multigpu.bench.report import render
 from xdit_multigpu.bench.schema import problems
 from xdit_multigpu.bench.summary import summarize
 from xdit_multigpu.bench.targets import check_targets
@@ -91,3 +92,28 @@ def test_text_encode_joins_the_28_step_image_and_the_note_says_so():
     rep["summary"] = list(rows.values())
     text = render(rep, {})
     assert "CLIPTextEncode" in text and "flux-dev 250 ms" in text
+
+
+def test_write_plots_writes_a_png_without_matplotlib(tmp_path, monkeypatch):
+    import builtins
+
+    from PIL import Image
+
+    from xdit_multigpu.bench.plots import write_plots
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    rep = _report()
+    paths = write_plots(summarize(rep), str(tmp_path / "img"), str(tmp_path))
+    assert paths == {"flux-dev": "img/speedup_flux-dev.png"}
+    with Image.open(tmp_path / paths["flux-dev"]) as img:
+        assert img.format == "PNG" and img.size[0] > 400
+        colours = {c for _, c in img.getcolors(maxcolors=1 << 16)}
+    assert (0x1F, 0x77, 0xB4) in colours  # the first size's line was drawn
+    assert (tmp_path / "img" / "speedup_flux-dev.svg").is_file()

@@ -3,8 +3,8 @@
     python -m xdit_multigpu.bench.report --json OUT/bench/bench.json --out docs/benchmarks_generated.md \
         --plots docs/img/
 
-Plots: one speedup-vs-GPUs chart per model (one line per size, plus the ideal), as PNG when matplotlib
-is installed and always as a hand-written SVG (no dependency), so the report never depends on it.
+Plots: one speedup-vs-GPUs chart per model (one line per size, plus the ideal), as PNG and SVG
+(``plots.py``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import os
 import sys
 from typing import Any
 
+from .plots import write_plots
 from .summary import summarize
 from .targets import check_targets
-
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
-
 
 def _f(x: Any, nd: int = 1, suffix: str = "") -> str:
     if x is None:
@@ -263,83 +261,6 @@ def _profile_lines(report: dict[str, Any]) -> list[str]:
                           f"{t['calls_per_step']} |" for t in prof.get("top", [])[:12]]
                 lines.append("")
     return (["## Profiles", ""] + lines) if lines else []
-
-
-def speedup_series(rows: list[dict[str, Any]]) -> dict[str, dict[int, list[tuple[int, float]]]]:
-    """{model: {size: [(gpus, speedup vs our 1 GPU)]}} for the Hybrid rows."""
-    series: dict[str, dict[int, list[tuple[int, float]]]] = {}
-    for r in rows:
-        if r.get("strategy") == "Hybrid" and r.get("speedup_vs_ours_1"):
-            series.setdefault(r["model"], {}).setdefault(r["size"], []).append((r["gpus"], r["speedup_vs_ours_1"]))
-    return {m: {s: sorted(pts) for s, pts in by.items()} for m, by in series.items()}
-
-
-def write_plots(rows: list[dict[str, Any]], plot_dir: str, rel_to: str) -> dict[str, str]:
-    """One chart per model; returns {model: path relative to ``rel_to``} (PNG if possible, else SVG)."""
-    os.makedirs(plot_dir, exist_ok=True)
-    out = {}
-    for model, by_size in speedup_series(rows).items():
-        stem = os.path.join(plot_dir, f"speedup_{model}")
-        with open(stem + ".svg", "w") as f:
-            f.write(svg_chart(model, by_size))
-        path = stem + ".svg"
-        if _png(model, by_size, stem + ".png"):
-            path = stem + ".png"
-        out[model] = os.path.relpath(path, rel_to)
-    return out
-
-
-def _png(model: str, by_size: dict[int, list[tuple[int, float]]], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    top = max(g for pts in by_size.values() for g, _ in pts)
-    ax.plot([1, top], [1, top], "--", color="#999", label="ideal")
-    for i, (size, pts) in enumerate(sorted(by_size.items())):
-        ax.plot([g for g, _ in pts], [s for _, s in pts], "o-", color=COLORS[i % len(COLORS)], label=f"{size}²")
-    ax.set(xlabel="GPUs", ylabel="speedup vs our 1 GPU", title=f"{model}: per-step speedup")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def svg_chart(model: str, by_size: dict[int, list[tuple[int, float]]]) -> str:
-    """A minimal line chart (speedup vs GPUs, ideal dashed) as SVG text."""
-    w, h, pad = 420, 300, 48
-    top = max([g for pts in by_size.values() for g, _ in pts] + [2])
-    ymax = max([s for pts in by_size.values() for _, s in pts] + [top])
-
-    def xy(g: float, s: float) -> tuple[float, float]:
-        return pad + (g - 1) / max(1, top - 1) * (w - 2 * pad), h - pad - s / ymax * (h - 2 * pad)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
-             f'<text x="{w / 2}" y="16" text-anchor="middle">{model}: per-step speedup vs our 1 GPU</text>',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#000"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#000"/>',
-             f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle">GPUs</text>']
-    for g in range(1, top + 1):
-        x, _ = xy(g, 0)
-        parts.append(f'<text x="{x}" y="{h - pad + 14}" text-anchor="middle">{g}</text>')
-    for k in range(0, int(ymax) + 1):
-        _, y = xy(1, k)
-        parts.append(f'<text x="{pad - 6}" y="{y + 4}" text-anchor="end">{k}</text>')
-    (x1, y1), (x2, y2) = xy(1, 1), xy(top, top)
-    parts.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#999" stroke-dasharray="4"/>')
-    for i, (size, pts) in enumerate(sorted(by_size.items())):
-        c = COLORS[i % len(COLORS)]
-        poly = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(g, s) for g, s in pts))
-        parts.append(f'<polyline points="{poly}" fill="none" stroke="{c}" stroke-width="2"/>')
-        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{c}"/>' for x, y in (xy(g, s) for g, s in pts)]
-        parts.append(f'<text x="{w - pad + 4}" y="{pad + 14 * i}" fill="{c}">{size}²</text>')
-    return "\n".join(parts + ["</svg>"]) + "\n"
 
 
 def _load(path: str) -> dict[str, Any]:
