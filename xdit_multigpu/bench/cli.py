@@ -54,6 +54,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "(fused Ulysses head chunks: communication/compute overlap A/B)")
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("XDIT_BENCH_BUDGET_S", "450")),
                     help="optional parts (later models, side-by-side) are skipped once this much time has passed")
+    ap.add_argument("--dispatch-repeats", type=int, default=5,
+                    help="1-step requests per row for the steady-state dispatch figure (0: none)")
     ap.add_argument("--cpu-selfcheck", action="store_true", help="tiny Flux/SD3 on cpu:1 / cpu:2, 1 repeat (CI)")
     args = ap.parse_args(argv)
     _defaults(args)
@@ -65,6 +67,7 @@ def _defaults(a: argparse.Namespace) -> None:
         a.models = a.models or ["tiny-flux", "tiny-sd3"]
         a.sizes, a.gpus = a.sizes or [128], a.gpus or [1, 2]
         a.repeats = a.repeats or 1
+        a.dispatch_repeats = min(a.dispatch_repeats, 2)
         a.e2e_sizes = a.sizes if a.e2e_sizes is None else a.e2e_sizes
         a.e2e_steps, a.no_side_by_side, a.device = min(a.e2e_steps, 2), True, "cpu"
         return

@@ -104,6 +104,9 @@ class EngineBench:
             run28 = self.request(strategy, size, self.opts.e2e_steps)
             out["e2e_sampling_s"] = round(run28["wall_s"], 3)
             out["dispatch_ms"].append(run28["dispatch_ms"])
+        if e2e:  # steady-state dispatch: repeated 1-step requests (the ones above include the pool's first)
+            repeats = getattr(self.opts, "dispatch_repeats", 0)
+            out["dispatch_repeat_ms"] = [self.request(strategy, size, 1)["dispatch_ms"] for _ in range(repeats)]
         if self.opts.profile:
             ex.collective_rpc("bench_reset", (True,), timeout=60)
             prof = self.request(strategy, size, self.opts.repeats + 1)

@@ -132,16 +132,20 @@ def _ab_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def _pool_lines(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## Pool start and per-request overhead", "",
-             "| model | image | GPUs | pool start (s) | dispatch (ms) | in-request setup (ms) | attention calls (rank 0) |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | image | GPUs | pool start (s) | dispatch (ms) | dispatch, row's first request (ms) | "
+             "in-request setup (ms) | attention calls (rank 0) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("per_step_ms") is None or "size" not in r:
             continue
         pool = "–" if r.get("strategy") == "stock ComfyUI" else _f(r.get("pool_start_s"))
         lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']}{' (stock)' if pool == '–' else ''} | {pool} | "
-                     f"{_f(r.get('dispatch_ms'))} | {_f(r.get('setup_ms'))} | {r.get('attention_paths') or '–'} |")
-    return lines + ["", "*Dispatch*: the driver's wall time per request minus rank 0's time inside `Worker.sample` "
-                    "(median over the row's requests). *In-request setup*: rank 0's time from entering the sampler "
+                     f"{_f(r.get('dispatch_ms'))} | {_f(r.get('dispatch_first_ms'))} | {_f(r.get('setup_ms'))} | "
+                     f"{r.get('attention_paths') or '–'} |")
+    return lines + ["", "*Dispatch*: the driver's wall time per request minus rank 0's time inside `Worker.sample`: "
+                    "the median of the row's repeated 1-step requests (`--dispatch-repeats`; run 5 and earlier: "
+                    "of the row's 2-3 requests). The row's first request is the warm-up, for the first row of a "
+                    "pool the pool's first request. *In-request setup*: rank 0's time from entering the sampler "
                     "call to the first step's end, minus one median step (clone, hooks, model to device, sampler "
                     "setup).", ""] + _phase_lines(report)
 
