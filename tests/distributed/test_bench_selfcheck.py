@@ -53,6 +53,9 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     assert sd3["plan"].startswith("cfg 2") and sd3["vs_stock"]["rel_l2"] < 1e-4
     stock = report["models"]["tiny-flux"]["stock"]["sizes"]["128"]
     assert stock["vae_decode_s"] > 0 and stock["e2e_sampling_s"] > 0
+    assert stock["text_encode_s"] is None and "tiny-flux" in stock["text_encode_note"]  # no real-size encoders
+    assert len(flux2["dispatch_repeat_ms"]) == 2 and all(d > 0 for d in flux2["dispatch_repeat_ms"])  # steady state
+    assert "dispatch_repeat_ms" not in legacy  # A/B rows time the step only
     md = tmp_path / "docs" / "bench.md"
     r2 = subprocess.run([sys.executable, "-m", "xdit_multigpu.bench.report", "--json", str(out / "bench.json"),
                          "--out", str(md), "--plots", str(tmp_path / "docs" / "img")], env=env, cwd=str(REPO),
