@@ -429,6 +429,7 @@ class DispatcherSpec:
     ray_address: str | None = None
     group_size: int = 0  # devices per GPU group; 0 = explicit "|" groups, else one group of all devices
     group_weights: tuple[float, ...] = ()  # weighted_round_robin: one per group; () = measured throughput
+    ulysses_degree: int = 0  # Ulysses part of the sequence split (rest on ring); 0 = the planner's choice
 
     def pool_key(self) -> tuple[object, ...]:
         """Identity of the worker pool: same file, same devices, same cluster -> same pool."""

@@ -76,3 +76,22 @@ def test_valid_inputs_pass(tiny_models):
     for fam in ("sd3", "pixart_sigma", "hunyuan_dit"):
         assert _validate(os.path.basename(tiny_models[fam].path), "cpu:2") is True
     assert _validate(os.path.basename(tiny_models["sd3"].path), "cpu:4", "USP") is True
+
+
+def test_ulysses_degree_is_checked_against_the_model_and_the_devices(tiny_models):
+    from xdit_multigpu.nodes.loaders import XDiTUNetLoader
+
+    name = os.path.basename(tiny_models["sd3"].path)  # tiny SD3: 4 heads
+
+    def validate(devices: str, strategy: str, degree: int):
+        return XDiTUNetLoader.VALIDATE_INPUTS(name, "default", devices, strategy, "round_robin", ulysses_degree=degree)
+
+    assert validate("cpu:4", "USP", 2) is True and validate("cpu:4", "Hybrid", 0) is True
+    msg = validate("cpu:4", "USP", 3)
+    assert msg == "ulysses_degree: is 3, which does not divide the 4-way sequence split. Use one of [1, 2, 4], or 0 for automatic", msg
+    msg = validate("cpu:8", "USP", 8)
+    assert isinstance(msg, str) and "does not divide the model's 4 attention heads" in msg and "[1, 2, 4]" in msg
+    msg = validate("cpu:2", "CFG", 2)
+    assert isinstance(msg, str) and msg.startswith("ulysses_degree: is 2, but CFG parallel splits no sequence")
+    spec = XDiTUNetLoader().load(name, "default", "cpu:4", "USP", "round_robin", ulysses_degree=2)[-1]
+    assert spec.ulysses_degree == 2

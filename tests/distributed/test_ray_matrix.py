@@ -108,3 +108,36 @@ def test_eight_ranks(models, engine, family):
              for plan in EIGHT}
     engine.release_all(stop_ray=False)
     assert all(d <= TOL for d in diffs.values()), diffs
+
+
+def test_ulysses_degree_sets_the_split_through_the_engine(models, engine):
+    """``ulysses_degree`` (DispatcherSpec, the loaders' advanced input): USP on 4 ranks as Ulysses 2 x Ring 2
+    and Hybrid with an uncond pass as CFG 2 x Ring 2, equal to one device; an impossible degree is a
+    ConfigError naming the field, before any worker starts."""
+    from xdit_multigpu.config import ParallelStrategy
+    from xdit_multigpu.errors import ConfigError
+    from xdit_multigpu.models import lookup
+    from xdit_multigpu.worker import comfy_runtime
+
+    tiny, load, patcher = models["flux"]
+    devices = DeviceSet(DeviceKind.CPU, tuple(range(4)), "cpu:4")
+    req = _request(tiny, patcher, "euler", 1.0)
+    ref = comfy_runtime.run_sampler(patcher, req)
+    model_spec = lookup(tiny.config_class)
+    for strategy, degree, want in ((ParallelStrategy.USP, 2, (1, 2, 2)), (ParallelStrategy.HYBRID, 1, (2, 1, 2))):
+        spec = DispatcherSpec(load, devices, strategy, family="flux", ulysses_degree=degree)
+        out = engine.sample(spec, req, model_spec, tiny.heads, True, patcher)
+        assert out.fallback_reason is None, out.fallback_reason
+        assert (out.plan.cfg, out.plan.ulysses, out.plan.ring) == want, out.plan.describe()
+        assert "ulysses_degree" in out.plan.reason
+        assert float((out.latent - ref).abs().max()) <= TOL
+    engine.release_all(stop_ray=False)
+    started = []
+    engine.pool = lambda spec: started.append(spec)  # shadows the method on this instance only
+    try:
+        with pytest.raises(ConfigError, match="ulysses_degree: is 3"):
+            engine.sample(DispatcherSpec(load, devices, ParallelStrategy.USP, family="flux", ulysses_degree=3),
+                          req, model_spec, tiny.heads, True, patcher)
+    finally:
+        del engine.pool
+    assert started == []

@@ -108,3 +108,40 @@ def test_ulysses_only_model_needs_divisible_heads():
     assert degrees(plan(ParallelStrategy.USP, 4, False, 24, uly_only)) == (1, 4, 1)
     with pytest.raises(ConfigError, match="does not divide the model's 38 heads"):
         plan(ParallelStrategy.USP, 4, False, 38, uly_only)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world", "cfg_active", "heads", "degree", "expected"),
+    [
+        (ParallelStrategy.USP, 8, False, 24, 4, (1, 4, 2)),  # Flux on 8: Ulysses 4 x Ring 2 instead of Ulysses 8
+        (ParallelStrategy.USP, 8, False, 24, 1, (1, 1, 8)),  # pure ring
+        (ParallelStrategy.USP, 8, False, 24, 8, (1, 8, 1)),
+        (H, 8, True, 24, 2, (2, 2, 2)),  # CFG 2 first, then the 4-way split as asked
+        (H, 8, True, 38, 2, (2, 2, 2)),
+        (H, 4, False, 24, 2, (1, 2, 2)),
+    ],
+)
+def test_ulysses_degree_sets_the_sequence_split(strategy, world, cfg_active, heads, degree, expected):
+    p = plan(strategy, world, cfg_active, heads, SP, fast_link_group=4, ulysses=degree)  # the user's choice wins
+    assert degrees(p) == expected
+    assert "as set in ulysses_degree" in p.reason
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world", "cfg_active", "heads", "axes", "degree", "problem", "fix"),
+    [
+        (ParallelStrategy.USP, 8, False, 24, SP, 3, "does not divide the 8-way sequence split", "[1, 2, 4, 8]"),
+        (ParallelStrategy.USP, 4, False, 38, SP, 4, "does not divide the model's 38 attention heads", "[1, 2]"),
+        (H, 4, True, 24, SP, 4, "does not divide the 2-way sequence split", "[1, 2]"),  # CFG took half
+        (ParallelStrategy.USP, 4, False, 24, frozenset({Axis.ULYSSES}), 2, "no ring axis", "[4]"),
+        (ParallelStrategy.USP, 4, False, 24, frozenset({Axis.RING}), 2, "needs a Ulysses axis", "[1]"),
+        (ParallelStrategy.CFG, 2, True, 24, SP, 2, "CFG parallel splits no sequence", "Use 0"),
+        (H, 2, True, 24, CFG_ONLY, 2, "splits by CFG only", "Use 0"),
+        (H, 4, False, 24, SP, -1, "is -1", "Use 0"),
+    ],
+)
+def test_impossible_ulysses_degree_names_the_field_and_the_valid_choices(
+        strategy, world, cfg_active, heads, axes, degree, problem, fix):
+    with pytest.raises(ConfigError) as e:
+        plan(strategy, world, cfg_active, heads, axes, ulysses=degree)
+    assert str(e.value).startswith("ulysses_degree:") and problem in str(e.value) and fix in str(e.value)

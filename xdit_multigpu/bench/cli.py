@@ -54,6 +54,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "(fused Ulysses head chunks: communication/compute overlap A/B)")
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("XDIT_BENCH_BUDGET_S", "450")),
                     help="optional parts (later models, side-by-side) are skipped once this much time has passed")
+    ap.add_argument("--ulysses-degrees", type=int, nargs="*", default=[], metavar="N",
+                    help="also run USP rows with ulysses_degree=N on every multi-device count (Ulysses N x Ring rest)")
     ap.add_argument("--dispatch-repeats", type=int, default=5,
                     help="1-step requests per row for the steady-state dispatch figure (0: none)")
     ap.add_argument("--cpu-selfcheck", action="store_true", help="tiny Flux/SD3 on cpu:1 / cpu:2, 1 repeat (CI)")

@@ -25,6 +25,7 @@ LEGACY_ENV = {"XDIT_SHARD_TEXT": "0", "XDIT_FUSED_ULYSSES": "0"}  # the first GP
 LEGACY = "levers off"
 GRAPHS_OFF = "graphs off"  # the same row with XDIT_CUDA_GRAPHS=off (read by the engine in this process)
 CHUNKS = "chunks "  # + N: the same row with XDIT_ULYSSES_CHUNKS=N in the workers (fused Ulysses overlap A/B)
+ULYSSES = "ulysses "  # + N: a USP row with ulysses_degree=N (the rest of the split on ring)
 
 
 def make_engine() -> Any:
@@ -45,6 +46,7 @@ class EngineBench:
         from ..models import lookup
 
         self.engine, self.arch, self.n, self.opts = engine, arch, n, opts
+        self.ulysses_degree = 0  # ulysses_row sets it for its rows
         self.load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, model["path"], unet_config_json=model.get("unet_config_json"))
         text = f"cpu:{n}" if kind is DeviceKind.CPU else ",".join(map(str, range(n)))
         self.devices = DeviceSet(kind, tuple(range(n)), text)
@@ -53,7 +55,8 @@ class EngineBench:
         self.pool_start_phases: dict[str, Any] | None = None  # WorkerPool.start_phases: where the start went
 
     def spec(self, strategy: str) -> DispatcherSpec:
-        return DispatcherSpec(self.load, self.devices, ParallelStrategy(strategy), family=self.model_spec.name)
+        return DispatcherSpec(self.load, self.devices, ParallelStrategy(strategy), family=self.model_spec.name,
+                              ulysses_degree=self.ulysses_degree)
 
     def start(self) -> float:
         t0 = time.perf_counter()
@@ -127,6 +130,14 @@ class EngineBench:
         finally:
             self._executor().collective_rpc("bench_env", (old,), timeout=60)
 
+    def ulysses_row(self, strategy: str, size: int, stock_latent: Any, degree: int) -> dict[str, Any]:
+        """The same row with ``ulysses_degree=degree`` (Ulysses x Ring as the user would set it on the loader)."""
+        self.ulysses_degree = degree
+        try:
+            return self.row(strategy, size, stock_latent, e2e=False)
+        finally:
+            self.ulysses_degree = 0
+
     def graphs_off_row(self, strategy: str, size: int, stock_latent: Any) -> dict[str, Any]:
         """The same row with CUDA graphs off (``XDIT_CUDA_GRAPHS=off`` in this, the engine's, process)."""
         old = os.environ.get("XDIT_CUDA_GRAPHS")
@@ -178,6 +189,9 @@ def run_model(engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: Devi
         for c in getattr(opts, "chunks_ab", None) or ():
             runs[f"{CHUNKS}{c}"] = functools.partial(bench.env_row, env={"XDIT_ULYSSES_CHUNKS": str(c)})
             jobs += [("Hybrid", size, f"{CHUNKS}{c}") for size in sizes]
+        for d in getattr(opts, "ulysses_degrees", None) or ():  # e.g. Ulysses 4 x Ring 2 on 8 GPUs
+            runs[f"{ULYSSES}{d}"] = functools.partial(bench.ulysses_row, degree=d)
+            jobs += [("USP", size, f"{ULYSSES}{d}") for size in sizes]
     for strategy, size, variant in jobs:
         key = f"{strategy} ({variant})/{size}" if variant else f"{strategy}/{size}"
         try:

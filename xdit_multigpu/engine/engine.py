@@ -176,7 +176,7 @@ class Engine:
         attention = AttentionBackend.from_env()  # a bad value is the user's to fix, not a fallback
         ResidentWeights.from_env()  # checked here too, so a bad value fails every request alike
         graphs = CudaGraphs.from_env()
-        plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes)
+        plan = planner.plan(spec.strategy, max(world, 1), cfg_active, heads, axes, ulysses=spec.ulysses_degree)
         if world == 0:
             raise Unavailable("no GPU is visible (gpu_devices is \"all\")")
         if model_spec is None:
@@ -197,7 +197,8 @@ class Engine:
                 raise Unavailable(f"workers did not start: {e}") from e
             timings["pool_s"] = round(time.perf_counter() - t0, 3)
             if pool.fast_link_group:
-                plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group)
+                plan = planner.plan(spec.strategy, world, cfg_active, heads, axes, pool.fast_link_group,
+                                    spec.ulysses_degree)
             plan = dataclasses.replace(plan, attention=attention, graphs=graphs)
             latent = self._run_pool(spec, pool, dataclasses.replace(req, plan=plan), progress)
         timings["sample_s"] = round(time.perf_counter() - t0 - timings["pool_s"], 3)

@@ -28,12 +28,19 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def split_sequence(sp: int, heads: int, axes: Collection[Axis], fast_link_group: int | None = None) -> tuple[int, int, str]:
+ULYSSES_FIELD = "ulysses_degree"
+
+
+def split_sequence(sp: int, heads: int, axes: Collection[Axis], fast_link_group: int | None = None,
+                   requested: int = 0) -> tuple[int, int, str]:
     """Split a sequence-parallel degree into (ulysses, ring, why).
 
     Ulysses all-to-alls move every activation each step, so they should stay on the fastest links; ring
     passes K/V point to point and tolerates slower ones. Ulysses also needs ``heads % ulysses == 0``.
+    ``requested`` > 0: the user's Ulysses degree (``ulysses_degree``), the rest on ring; checked here.
     """
+    if requested > 0:
+        return _requested_split(sp, heads, axes, requested)
     if sp == 1:
         return 1, 1, "no sequence split"
     if Axis.ULYSSES not in axes:
@@ -60,6 +67,21 @@ def split_sequence(sp: int, heads: int, axes: Collection[Axis], fast_link_group:
     return uly, ring, f"ulysses {uly} ({why}){tail}"
 
 
+def _requested_split(sp: int, heads: int, axes: Collection[Axis], uly: int) -> tuple[int, int, str]:
+    """``ulysses_degree`` as the user set it: Ulysses ``uly`` x Ring ``sp // uly``, or a ``ConfigError``."""
+    valid = [d for d in _divisors(sp) if heads > 0 and heads % d == 0 and (d == 1 or Axis.ULYSSES in axes)
+             and (d == sp or Axis.RING in axes)]
+    if uly not in valid:
+        why = (f"does not divide the {sp}-way sequence split" if sp % uly else
+               f"does not divide the model's {heads} attention heads" if heads <= 0 or heads % uly else
+               "needs a Ulysses axis, which this model lacks" if Axis.ULYSSES not in axes else
+               f"leaves ring {sp // uly}, and this model has no ring axis")
+        fix = f"Use one of {valid}, or 0 for automatic" if valid else "Use 0 (automatic)"
+        raise ConfigError(ULYSSES_FIELD, f"is {uly}, which {why}", fix)
+    ring = sp // uly
+    return uly, ring, f"ulysses {uly} as set in ulysses_degree" + (f"; ring {ring} over the rest" if ring > 1 else "")
+
+
 def plan(
     strategy: ParallelStrategy,
     world_size: int,
@@ -67,8 +89,10 @@ def plan(
     heads: int,
     spec_axes: Collection[Axis],
     fast_link_group: int | None = None,
+    ulysses: int = 0,
 ) -> ParallelPlan:
-    """The plan for ``world_size`` devices; raises ``ConfigError`` naming ``parallel_strategy`` and a fix."""
+    """The plan for ``world_size`` devices; raises ``ConfigError`` naming ``parallel_strategy`` (or
+    ``ulysses_degree``, when ``ulysses`` > 0 cannot be met) and a fix. ``ulysses``: 0 = automatic."""
     strategy = ParallelStrategy(strategy)
     strategy.require_available()
     if world_size < 1:
@@ -76,18 +100,23 @@ def plan(
     axes = frozenset(spec_axes)
     has_sp = Axis.ULYSSES in axes or Axis.RING in axes
     cfg_ok = Axis.CFG in axes
+    if ulysses < 0:
+        raise ConfigError(ULYSSES_FIELD, f"is {ulysses}", "Use 0 (automatic) or a positive Ulysses degree")
     if world_size == 1:
         return ParallelPlan(1, 1, 1, reason="one device: nothing to split")
     if strategy is ParallelStrategy.CFG:
+        if ulysses > 1:
+            raise ConfigError(ULYSSES_FIELD, f"is {ulysses}, but CFG parallel splits no sequence",
+                              "Use 0, or choose Hybrid or USP")
         return _plan_cfg(world_size, cfg_active, cfg_ok)
     if strategy is ParallelStrategy.USP:
         if not has_sp:
             raise ConfigError(
                 FIELD, "USP needs sequence parallelism, which this model does not support", "Choose CFG or Hybrid"
             )
-        uly, ring, why = split_sequence(world_size, heads, axes, fast_link_group)
+        uly, ring, why = split_sequence(world_size, heads, axes, fast_link_group, ulysses)
         return ParallelPlan(1, uly, ring, reason=f"USP on {world_size} devices: {why}")
-    return _plan_hybrid(world_size, cfg_active, cfg_ok, has_sp, heads, axes, fast_link_group)
+    return _plan_hybrid(world_size, cfg_active, cfg_ok, has_sp, heads, axes, fast_link_group, ulysses)
 
 
 def _plan_cfg(world_size: int, cfg_active: bool, cfg_ok: bool) -> ParallelPlan:
@@ -116,8 +145,11 @@ def _plan_hybrid(
     heads: int,
     axes: frozenset[Axis],
     fast_link_group: int | None,
+    ulysses: int = 0,
 ) -> ParallelPlan:
     if not has_sp:
+        if ulysses > 1:
+            raise ConfigError(ULYSSES_FIELD, f"is {ulysses}, but this model splits by CFG only", "Use 0")
         conds = 2 if cfg_active and cfg_ok else 1
         idle = world_size - conds
         why = "cond and uncond in parallel" if conds == 2 else "cfg is 1.0 (cond only), nothing to split"
@@ -129,7 +161,7 @@ def _plan_hybrid(
         )
     cfg = 2 if cfg_active and cfg_ok and world_size % 2 == 0 else 1
     sp = world_size // cfg
-    uly, ring, why = split_sequence(sp, heads, axes, fast_link_group)
+    uly, ring, why = split_sequence(sp, heads, axes, fast_link_group, ulysses)
     if cfg == 2:
         cfg_why = "cfg 2 (cond and uncond in parallel)"
     elif not cfg_active:

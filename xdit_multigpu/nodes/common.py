@@ -31,6 +31,11 @@ TIP_WEIGHTS = (
     'weighted_round_robin only: one weight per group, e.g. "2,1" when group 0 is twice as fast. '
     "Empty = weights measured from each group's throughput."
 )
+TIP_ULYSSES = (
+    "Hybrid / USP: how many devices of the sequence split use Ulysses (all-to-all, best on NVLink); the rest "
+    "use Ring (K/V passed along, tolerates PCIe or several machines). 0 = automatic (as much Ulysses as the "
+    "model's heads allow). Must divide the model's heads and the devices of the split."
+)
 TIP_RAY = 'Ray cluster to join, e.g. "auto" or "host:port". Empty: an embedded local cluster on this machine only.'
 TIP_DISPATCHER = "Where and how the KSampler (xDiT Multi-GPU) runs this model. Connect it to the KSampler."
 
@@ -49,6 +54,7 @@ def optional_inputs() -> dict[str, Any]:
         "gpus_per_group": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": TIP_GROUP_SIZE, "advanced": True}),
         "group_weights": ("STRING", {"default": "", "tooltip": TIP_WEIGHTS, "advanced": True}),
         "ray_address": ("STRING", {"default": "", "tooltip": TIP_RAY, "advanced": True}),
+        "ulysses_degree": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": TIP_ULYSSES, "advanced": True}),
     }
 
 
@@ -84,6 +90,7 @@ def build_dispatcher(
     ray_address: str = "",
     gpus_per_group: int = 0,
     group_weights: str = "",
+    ulysses_degree: int = 0,
 ) -> DispatcherSpec:
     """Validate every loader input and build the ``XDIT_DISPATCHER`` value. Raises ``ConfigError``."""
     import folder_paths
@@ -109,10 +116,20 @@ def build_dispatcher(
         family = info.spec.name
         for group in grouping.device_groups():  # every group runs the plan on its own devices
             _check_strategy(info.spec, strategy, group)
+            _check_ulysses(info, strategy, group, int(ulysses_degree or 0))
     assert path is not None  # inspect_model_file raised otherwise
     load = LoadSpec.for_file(kind, path, weight_dtype)
     return dataclasses.replace(grouping, load=load, strategy=strategy, scheduling=scheduling, family=family,
-                               ray_address=address)
+                               ray_address=address, ulysses_degree=int(ulysses_degree or 0))
+
+
+def _check_ulysses(info: Any, strategy: ParallelStrategy, devices: DeviceSet, degree: int) -> None:
+    """``ulysses_degree`` against the model's heads and the group, as the planner will split it without an
+    uncond pass (with one, Hybrid halves the split; the KSampler then checks again before any worker starts)."""
+    from ..engine import planner
+
+    if degree > 0:
+        planner.plan(strategy, max(devices.world_size, 1), False, info.heads, info.spec.axes, ulysses=degree)
 
 
 def _check_strategy(spec: Any, strategy: ParallelStrategy, devices: DeviceSet) -> None:
