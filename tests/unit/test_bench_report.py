@@ -131,3 +131,13 @@ def test_dispatch_is_the_steady_state_of_repeated_requests_when_the_row_has_them
     rep["summary"] = list(rows.values())
     assert problems(rep) == []
     assert "| 18.0 | 35.0 |" in render(rep, {})
+
+
+@pytest.mark.parametrize(("gpus", "largest"), [(1, 0), (2, 2), (3, 2), (4, 4), (7, 4), (8, 8), (16, 8)])
+def test_groups_bench_takes_the_largest_layout_set_the_machine_has(gpus, largest):
+    from xdit_multigpu.bench.groups import GPU_LAYOUTS, _largest_layout
+
+    assert _largest_layout(gpus) == largest
+    for n, layouts in GPU_LAYOUTS.items():  # every layout uses exactly the first n GPUs
+        for text in layouts:
+            assert sorted(int(i) for i in text.replace("|", ",").split(",")) == list(range(n))

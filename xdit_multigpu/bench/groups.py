@@ -4,7 +4,7 @@ groups (the batch split over them), through the engine users run (Ray pools, Com
     python3 -m xdit_multigpu.bench.groups --out $OUT/groups                 # GPU: flux-dev 1024², batch 8
     python3 -m xdit_multigpu.bench.groups --out DIR --cpu                    # CPU self-check (tiny SD3)
 
-Layouts on 4 GPUs: ``0,1,2,3`` (1 x 4), ``0,1|2,3`` (2 x 2), ``0|1|2|3`` (4 x 1). Each layout: one
+Layouts on 4 GPUs: ``0,1,2,3`` (1 x 4), ``0,1|2,3`` (2 x 2), ``0|1|2|3`` (4 x 1); on 8: 1 x 8, 2 x 4, 4 x 2. Each layout: one
 untimed batch (pool start, warm-up), then ``--repeats`` timed batches; images / s from the median. The
 batch result of every layout is compared with the 1 x 4 result (bf16: relative L2).
 """
@@ -20,8 +20,14 @@ import tempfile
 import time
 from typing import Any
 
-GPU_LAYOUTS = {4: ("0,1,2,3", "0,1|2,3", "0|1|2|3"), 2: ("0,1", "0|1")}
+GPU_LAYOUTS = {8: ("0,1,2,3,4,5,6,7", "0,1,2,3|4,5,6,7", "0,1|2,3|4,5|6,7"),
+               4: ("0,1,2,3", "0,1|2,3", "0|1|2|3"), 2: ("0,1", "0|1")}
 CPU_LAYOUTS = ("cpu:2", "cpu:1|cpu:1")
+
+
+def _largest_layout(gpus: int) -> int:
+    """The largest device count with layouts that this machine can run (8, 4, 2; 0: none)."""
+    return max((n for n in GPU_LAYOUTS if n <= gpus), default=0)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     arch = ARCHS["tiny-sd3" if args.cpu else args.model]
     gpus = 0 if args.cpu else torch.cuda.device_count()
-    layouts = CPU_LAYOUTS if args.cpu else tuple(args.layouts or GPU_LAYOUTS.get(4 if gpus >= 4 else 2 if gpus >= 2 else 0, ()))
+    layouts = CPU_LAYOUTS if args.cpu else tuple(args.layouts or GPU_LAYOUTS.get(_largest_layout(gpus), ()))
     if not layouts:
         raise SystemExit(f"needs 2 or 4 GPUs, found {gpus}")
     written = write_model(arch, args.models, device="cpu" if args.cpu else "cuda")
