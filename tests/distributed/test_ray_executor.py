@@ -44,7 +44,7 @@ class FakeWorker:
         return "pong"
 
     def inspect_request(self, request):
-        """What arrived: per tensor (sha256 of its bytes, exact type, torch-owned memory), plus the request."""
+        """What arrived: per tensor (sha256 of its bytes, exact type, private (anonymous) memory), plus the request."""
         import dataclasses
         import hashlib
 
@@ -52,9 +52,9 @@ class FakeWorker:
 
         tensors = [request.noise, request.latent_image, request.positive[0][0], request.negative[0][0],
                    request.positive[0][1]["pooled_output"], *request.delta.weights.tensors]
-        # Resizable storage = torch-owned memory, not a view of the object store (asked before .numpy(),
-        # which marks a storage non-resizable).
-        owned = [t.untyped_storage().resizable() for t in tensors]
+        # Private memory: the mapping holding the bytes is anonymous (this process's heap), not a file
+        # mapping such as Ray's shared-memory object store.
+        owned = [_mapping_path(t.data_ptr()) in ("", "[heap]") for t in tensors]
         seen = [(hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest(), type(t) is torch.Tensor, o)
                 for t, o in zip(tensors, owned)]
         return seen, dataclasses.replace(request, seed=request.seed + 1)
@@ -80,6 +80,17 @@ class FakeWorker:
 
 def cpu(n):
     return DeviceSet(DeviceKind.CPU, tuple(range(n)), f"cpu:{n}")
+
+
+def _mapping_path(address: int) -> str:
+    """The path of the mapping (``/proc/self/maps``) that holds ``address``: "" for anonymous memory."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return rest[4].strip() if len(rest) > 4 else ""
+    raise LookupError(f"address {address:#x} is not mapped")
 
 
 def make(cluster, n, worker_cls=FakeWorker, timeout=60.0):
