@@ -43,28 +43,32 @@ def _config(relpath: str) -> dict[str, Any]:
         return json.load(f)
 
 
+# Each encoder as its released checkpoint holds it: (ComfyUI module class, its config under comfy/, dtype).
+_BUILDS = {
+    "clip_l": ("comfy.clip_model.CLIPTextModel", "sd1_clip_config.json", "float16"),
+    "clip_g": ("comfy.clip_model.CLIPTextModel", "clip_config_bigg.json", "float16"),
+    "t5xxl": ("comfy.text_encoders.t5.T5", "text_encoders/t5_config_xxl.json", "bfloat16"),
+}
+
+
 def meta_state_dict(encoder: str) -> dict[str, Any]:
-    """Keys and shapes (``meta`` tensors) of one encoder's checkpoint as the released files name them.
+    """Keys, shapes and dtypes (``meta`` tensors) of one encoder's checkpoint as the released files hold them.
 
     ComfyUI's module classes mirror the Hugging Face layouts of these files, so their own state dict keys
     are the ones ``comfy.sd.detect_te_model`` recognises (CLIP-L, CLIP-G, T5-XXL).
     """
-    import comfy.clip_model
+    import importlib
+
     import comfy.ops
-    import comfy.text_encoders.t5
     import torch
 
-    ops = comfy.ops.manual_cast
-    if encoder == "clip_l":
-        build = lambda: comfy.clip_model.CLIPTextModel(_config("sd1_clip_config.json"), torch.float16, "meta", ops)  # noqa: E731
-    elif encoder == "clip_g":
-        build = lambda: comfy.clip_model.CLIPTextModel(_config("clip_config_bigg.json"), torch.float16, "meta", ops)  # noqa: E731
-    elif encoder == "t5xxl":
-        build = lambda: comfy.text_encoders.t5.T5(_config("text_encoders/t5_config_xxl.json"), torch.bfloat16, "meta", ops)  # noqa: E731
-    else:
-        raise ValueError(f"unknown text encoder {encoder!r} (known: clip_l, clip_g, t5xxl)")
+    if encoder not in _BUILDS:
+        raise ValueError(f"unknown text encoder {encoder!r} (known: {', '.join(_BUILDS)})")
+    class_path, config, dtype = _BUILDS[encoder]
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
     with torch.device("meta"):
-        return dict(build().state_dict())
+        return dict(cls(_config(config), getattr(torch, dtype), "meta", comfy.ops.manual_cast).state_dict())
 
 
 def random_state_dict(encoder: str, device: str, seed: int = 0) -> dict[str, Any]:
@@ -72,12 +76,11 @@ def random_state_dict(encoder: str, device: str, seed: int = 0) -> dict[str, Any
     the dtype of the released files (CLIP fp16, T5-XXL bf16), on the CPU; drawn on ``device``."""
     import torch
 
-    dtype = torch.bfloat16 if encoder == "t5xxl" else torch.float16
     gen = torch.Generator(device=device).manual_seed(seed)
     sd = {}
     for key, t in meta_state_dict(encoder).items():
-        shape = tuple(t.shape)
-        if not t.dtype.is_floating_point:  # e.g. CLIP's position_ids buffer
+        shape, dtype = tuple(t.shape), t.dtype
+        if not dtype.is_floating_point:  # e.g. CLIP's position_ids buffer
             sd[key] = torch.arange(shape[-1]).expand(shape).clone() if shape else torch.zeros(())
             continue
         if len(shape) == 1 and key.endswith(".weight") and "embedding" not in key:
