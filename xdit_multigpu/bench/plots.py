@@ -7,6 +7,7 @@ every environment that runs the report writes one; the SVG is hand-written text 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
@@ -59,15 +60,22 @@ def _png(model: str, by_size: Series, path: str) -> bool:
     return True
 
 
-def svg_chart(model: str, by_size: Series) -> str:
-    """A minimal line chart (speedup vs GPUs, ideal dashed) as SVG text."""
-    w, h, pad = 420, 300, 48
+def _frame(by_size: Series, w: int, h: int, pad: int) -> tuple[int, float, Callable[[float, float], tuple[float, float]]]:
+    """The charts' shared frame: GPUs axis 1..top, speedup axis 0..ymax (at least the ideal), and the map
+    from (gpus, speedup) to pixels in a ``w`` x ``h`` picture with ``pad`` margins."""
     top = max([g for pts in by_size.values() for g, _ in pts] + [2])
     ymax = max([s for pts in by_size.values() for _, s in pts] + [top])
 
     def xy(g: float, s: float) -> tuple[float, float]:
         return pad + (g - 1) / max(1, top - 1) * (w - 2 * pad), h - pad - s / ymax * (h - 2 * pad)
 
+    return top, ymax, xy
+
+
+def svg_chart(model: str, by_size: Series) -> str:
+    """A minimal line chart (speedup vs GPUs, ideal dashed) as SVG text."""
+    w, h, pad = 420, 300, 48
+    top, ymax, xy = _frame(by_size, w, h, pad)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
              f'<text x="{w / 2}" y="16" text-anchor="middle">{model}: per-step speedup vs our 1 GPU</text>',
              f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#000"/>',
@@ -97,12 +105,7 @@ def _png_pil(model: str, by_size: Series, path: str) -> bool:
     except ImportError:
         return False
     w, h, pad = 880, 600, 110
-    top = max([g for pts in by_size.values() for g, _ in pts] + [2])
-    ymax = max([s for pts in by_size.values() for _, s in pts] + [top])
-
-    def xy(g: float, s: float) -> tuple[float, float]:
-        return pad + (g - 1) / max(1, top - 1) * (w - 2 * pad), h - pad - s / ymax * (h - 2 * pad)
-
+    top, ymax, xy = _frame(by_size, w, h, pad)
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     d.text((w / 2, 20), f"{model}: per-step speedup vs our 1 GPU", fill="black", anchor="mm", font_size=22)
