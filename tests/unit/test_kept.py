@@ -126,7 +126,7 @@ def test_a_key_the_rank_does_not_hold_is_an_error_not_a_wrong_tensor():
 
 
 def _raw(n: int, seed: int = 0):
-    """``n`` random bytes as a uint8 tensor (what ``kept._bytes`` hands ``_same_bytes``)."""
+    """``n`` random bytes as a uint8 tensor (what ``transport.byte_view`` hands ``_same_bytes``)."""
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
@@ -158,11 +158,12 @@ def test_same_bytes_compares_bf16_bits_not_values(count: int):
     """bf16 (no numpy dtype) viewed as bytes: -0.0 is not 0.0 and a NaN equals the same NaN, bit for bit."""
     x = torch.randn(count, generator=torch.Generator().manual_seed(count)).to(torch.bfloat16)
     x[-1] = float("nan")
-    assert kept._same_bytes(kept._bytes(x), kept._bytes(x.clone()))  # NaN != NaN as values, equal as bits
+    # NaN != NaN as values, equal as bits
+    assert kept._same_bytes(transport.byte_view(x), transport.byte_view(x.clone()))
     x[-1] = 0.0
     y = x.clone()
     y[-1] = -0.0  # equal as values, one sign bit apart
-    assert not kept._same_bytes(kept._bytes(x), kept._bytes(y))
+    assert not kept._same_bytes(transport.byte_view(x), transport.byte_view(y))
     y = x.clone()
     y.view(torch.int16)[-1] ^= 1  # the lowest mantissa bit of the last element
-    assert not kept._same_bytes(kept._bytes(x), kept._bytes(y))
+    assert not kept._same_bytes(transport.byte_view(x), transport.byte_view(y))

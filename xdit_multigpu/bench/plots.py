@@ -60,7 +60,10 @@ def _png(model: str, by_size: Series, path: str) -> bool:
     return True
 
 
-def _frame(by_size: Series, w: int, h: int, pad: int) -> tuple[int, float, Callable[[float, float], tuple[float, float]]]:
+Pixels = Callable[[float, float], tuple[float, float]]  # (gpus, speedup) -> (x, y) in the picture
+
+
+def _frame(by_size: Series, w: int, h: int, pad: int) -> tuple[int, float, Pixels]:
     """The charts' shared frame: GPUs axis 1..top, speedup axis 0..ymax (at least the ideal), and the map
     from (gpus, speedup) to pixels in a ``w`` x ``h`` picture with ``pad`` margins."""
     top = max([g for pts in by_size.values() for g, _ in pts] + [2])

@@ -14,8 +14,8 @@ Safety: the driver compares the bytes with a copy it takes once the call is subm
 work), not a version counter, because ComfyUI runs nodes under ``torch.inference_mode`` and inference
 tensors have none (numpy compares 8 MB in ~0.3 ms on one thread, far less than sending it). A rank
 refuses (an error: the engine falls back on one device and rebuilds the pool) a held tensor that was
-changed in place during the previous call, which ComfyUI's own caching already rules out (the stock sampler gets the same cached tensors on every re-run). After a failed call the
-driver forgets everything. Memory: at most ``KEEP_MAX_BYTES`` per call are kept (larger payloads, e.g.
+changed in place during the previous call, which ComfyUI's own caching already rules out (the stock
+sampler gets the same cached tensors on every re-run). After a failed call the driver forgets everything. Memory: at most ``KEEP_MAX_BYTES`` per call are kept (larger payloads, e.g.
 first-time LoRA weights, travel plainly), on every rank and once more as the driver's copy.
 
 Importing this module imports neither torch nor Ray.
@@ -27,7 +27,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .transport import _rebuild, _Wire, wire_fields, wrap_tensors
+from .transport import _rebuild, _Wire, byte_view, wire_fields, wrap_tensors
 
 KEEP_MAX_BYTES = 64 * 2**20  # per call: what the ranks may keep between calls (a Flux request: ~18 MB)
 
@@ -72,13 +72,6 @@ def _layout(t: Any) -> tuple[Any, ...]:
     return t.dtype, tuple(t.shape), tuple(t.stride()), t.data_ptr()
 
 
-def _bytes(t: Any) -> Any:
-    """A uint8 view of ``t``'s bytes as they travel (a copy only for a non-contiguous tensor)."""
-    import torch  # noqa: PLC0415
-
-    return t.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
-
-
 def _same_bytes(a: Any, b: Any) -> bool:
     """Bitwise equality of two uint8 tensors, compared by numpy as the widest integer words their length
     allows. numpy, not torch: one thread at memory speed (8 MB in ~0.3 ms). torch's compare wakes every
@@ -118,7 +111,7 @@ class SentTensors:
         def leaf(t: Any) -> Any:
             prev = self._last.get(id(t))
             if (prev is not None and prev.tensor is t and prev.layout == _layout(t) and prev.snapshot is not None
-                    and _same_bytes(_bytes(t), prev.snapshot)):
+                    and _same_bytes(byte_view(t), prev.snapshot)):
                 table[id(t)] = prev
                 return Held(prev.key)
             nbytes = t.numel() * t.element_size()
@@ -137,7 +130,7 @@ class SentTensors:
         call was submitted, while the ranks work: the copy is off the request's critical path)."""
         for key, sent in (table or {}).items():
             if sent.snapshot is None:
-                table[key] = dataclasses.replace(sent, snapshot=_copy(_bytes(sent.tensor)))
+                table[key] = dataclasses.replace(sent, snapshot=_copy(byte_view(sent.tensor)))
 
     def commit(self, table: Table | None) -> None:
         """The call carrying ``table`` succeeded on every rank: they now hold exactly its tensors."""

@@ -33,15 +33,19 @@ class _Wire:
         return _rebuild, wire_fields(self.tensor)
 
 
+def byte_view(tensor: Any) -> Any:
+    """``tensor``'s bytes as they travel: a flat ``uint8`` tensor (a copy only for a non-contiguous,
+    conjugated or negated tensor). A uint8 view carries every dtype's exact bits (bf16 and float8 have no
+    numpy dtype)."""
+    import torch  # noqa: PLC0415
+
+    return tensor.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+
+
 def wire_fields(tensor: Any) -> tuple[Any, str, tuple[int, ...]]:
     """``(raw, dtype name, shape)`` for ``_rebuild``: ``raw`` is a numpy ``uint8`` view of the bytes (no copy
     for a contiguous tensor), which pickle protocol 5 hands to Ray as an out-of-band buffer."""
-    import torch  # noqa: PLC0415
-
-    t = tensor.resolve_conj().resolve_neg().contiguous()
-    # A uint8 view carries every dtype's exact bits (bf16 and float8 have no numpy dtype).
-    raw = t.reshape(-1).view(torch.uint8).numpy()
-    return raw, str(t.dtype).removeprefix("torch."), tuple(t.shape)
+    return byte_view(tensor).numpy(), str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)
 
 
 def _rebuild(raw: Any, dtype_name: str, shape: tuple[int, ...]) -> Any:
