@@ -19,6 +19,7 @@ from .plots import write_plots
 from .summary import summarize
 from .targets import check_targets
 
+
 def _f(x: Any, nd: int = 1, suffix: str = "") -> str:
     if x is None:
         return "–"
