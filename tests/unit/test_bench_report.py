@@ -79,6 +79,18 @@ def test_merge_split_runs():
     assert "| ulysses | 4 | 1024² | 60.0 |" in md and "| 50.0 |" in md  # ours on the same GPUs beside it
 
 
+def test_merge_header_names_every_files_models():
+    from xdit_multigpu.bench.report import merge
+
+    first, second = _report(), _report()
+    first["options"] = {"models": ["flux-dev"], "sizes": [1024]}
+    second["options"] = {"models": ["sd35-large", "flux-dev"], "sizes": [2048]}
+    merged = merge([first, second])
+    assert merged["options"] == {"models": ["flux-dev", "sd35-large"], "sizes": [1024]}
+    assert first["options"]["models"] == ["flux-dev"]  # the inputs are left as they were
+    assert "models ['flux-dev', 'sd35-large']" in render(merged, {})
+
+
 def test_text_encode_joins_the_28_step_image_and_the_note_says_so():
     rep = _report()
     rep["summary"] = summarize(rep)

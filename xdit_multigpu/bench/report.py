@@ -275,11 +275,15 @@ def _load(path: str) -> dict[str, Any]:
 
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report from several runs of the same session: models and a side-by-side result that ran
-    are taken from later files; environment and options from the first."""
+    are taken from later files; environment and the other options from the first (the options' model
+    list names every file's models, so the header says what the merged report holds)."""
     base = dict(reports[0])
     base["models"] = dict(base.get("models", {}))
+    base["options"] = dict(base.get("options", {}))
     for extra in reports[1:]:
         base["models"].update({k: v for k, v in extra.get("models", {}).items() if "skipped" not in v})
+        names = base["options"].get("models") or []
+        base["options"]["models"] = names + [m for m in extra.get("options", {}).get("models") or [] if m not in names]
         side = extra.get("side_by_side", {})
         if side.get("diffusers_cp", {}).get("rows"):
             base["side_by_side"] = side
