@@ -10,6 +10,7 @@ path's two-buffer logic without CUDA). Unit tier: no ComfyUI, no GPU.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 
@@ -146,6 +147,28 @@ def test_corrupt_headers_are_clear_errors(tmp_path, make, message):
     make(path)
     with pytest.raises(ValueError, match=r"bad\.safetensors: .*" + message.replace("[", r"\[").replace("]", r"\]")):
         Prefetch.start(path, "cpu").result(timeout=30)
+
+
+def test_one_header_reader_strict_for_the_prefetch_lenient_for_detection(tmp_path):
+    """The framing errors are the same for every reader; only the prefetch refuses dtypes it cannot copy
+    (detection needs keys and shapes), and the tiny-model cache treats any unreadable file as stale."""
+    from xdit_multigpu.engine.model_info import read_safetensors_header
+    from xdit_multigpu.testing.tiny_models import _read_header
+
+    odd = str(tmp_path / "odd.safetensors")
+    _write_header(odd, {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}, "__metadata__": {"k": "v"}}, bytes(8))
+    entries, meta = read_safetensors_header(odd)
+    assert entries == {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}} and meta == {"k": "v"}
+    assert _read_header(odd) == ({"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}, "__metadata__": {"k": "v"}},
+                                 os.path.getsize(odd))  # the size the header implies: the whole file
+    with pytest.raises(ValueError, match="dtype C64 is not supported by the prefetch"):
+        parse_header(odd)
+    cut = str(tmp_path / "cut.safetensors")
+    with open(cut, "wb") as f:
+        f.write(struct.pack("<Q", 100) + b"{}")
+    with pytest.raises(ValueError, match="truncated: the header needs 108 bytes"):
+        read_safetensors_header(cut)
+    assert _read_header(cut) is None
 
 
 def test_a_truncated_file_is_a_clear_error_from_result(mixed_file):

@@ -7,9 +7,7 @@ for a 24 GB model. Other formats are detected when they are loaded.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +15,7 @@ from ..config import LoaderKind
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import all_specs, lookup
 from ..models.registry import ModelSpec
-from ..worker.prefetch import DTYPES
+from ..worker.prefetch import DTYPES, read_header_json
 
 _ST_DTYPES = {code: torch_name for code, (torch_name, _) in DTYPES.items()}  # safetensors code -> torch dtype name
 
@@ -34,12 +32,9 @@ class ModelFileInfo:
 
 
 def read_safetensors_header(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """(tensor entries, metadata) of a safetensors file, reading only its header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n <= 0 or n > 100_000_000:
-            raise ValueError("not a safetensors file (bad header length)")
-        header = json.loads(f.read(n))
+    """(tensor entries, metadata) of a safetensors file, reading only its header. Lenient on purpose:
+    detection needs keys and shapes, so a dtype this pack does not know reads as float32 here."""
+    header, _ = read_header_json(path)
     meta = header.pop("__metadata__", None) or {}
     return header, meta
 

@@ -39,12 +39,13 @@ import hashlib
 import json
 import math
 import os
-import struct
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from ..worker.prefetch import read_header_json
 
 GENERATOR_VERSION = 1
 PREFIX = "xdit_tiny_"
@@ -360,14 +361,10 @@ def _recipe_digest(recipe: _Recipe, meta_sd: Mapping[str, Any]) -> str:
 def _read_header(path: str) -> tuple[dict[str, Any], int] | None:
     """(header, expected file size) of a safetensors file, or None if unreadable."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 * 1024 * 1024:
-                return None
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        header, n = read_header_json(path)
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     return header, 8 + n + end
 
 

@@ -68,8 +68,13 @@ class Header:
     data_bytes: int
 
 
-def parse_header(path: str) -> Header:
-    """Parse and validate the header of ``path``; ``ValueError`` naming the file and the problem."""
+def read_header_json(path: str) -> tuple[dict[str, Any], int]:
+    """``(header object, header length n)`` of a safetensors file: the 8-byte length, then n bytes of
+    JSON; the data section starts at ``8 + n``. ``ValueError`` naming the file and the problem.
+
+    The one reader of the format's framing: ``parse_header`` (strict, for the prefetch), the loader
+    validation (``engine.model_info``) and the tiny-model cache check build on it.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -87,6 +92,13 @@ def parse_header(path: str) -> Header:
         raise ValueError(f"{path}: the header is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: the header is not a JSON object")
+    return doc, n
+
+
+def parse_header(path: str) -> Header:
+    """Parse and validate the header of ``path``; ``ValueError`` naming the file and the problem."""
+    size = os.path.getsize(path)
+    doc, n = read_header_json(path)
     metadata = doc.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(v, str) for v in metadata.values())):
