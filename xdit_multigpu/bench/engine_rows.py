@@ -46,7 +46,6 @@ class EngineBench:
         from ..models import lookup
 
         self.engine, self.arch, self.n, self.opts = engine, arch, n, opts
-        self.ulysses_degree = 0  # ulysses_row sets it for its rows
         self.load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, model["path"], unet_config_json=model.get("unet_config_json"))
         text = f"cpu:{n}" if kind is DeviceKind.CPU else ",".join(map(str, range(n)))
         self.devices = DeviceSet(kind, tuple(range(n)), text)
@@ -54,9 +53,10 @@ class EngineBench:
         self.pool_start_s: float | None = None
         self.pool_start_phases: dict[str, Any] | None = None  # WorkerPool.start_phases: where the start went
 
-    def spec(self, strategy: str) -> DispatcherSpec:
+    def spec(self, strategy: str, ulysses_degree: int = 0) -> DispatcherSpec:
+        """What the loader node would build; ``ulysses_degree``: its advanced input (0 = the planner's)."""
         return DispatcherSpec(self.load, self.devices, ParallelStrategy(strategy), family=self.model_spec.name,
-                              ulysses_degree=self.ulysses_degree)
+                              ulysses_degree=ulysses_degree)
 
     def start(self) -> float:
         t0 = time.perf_counter()
@@ -69,11 +69,12 @@ class EngineBench:
     def _executor(self) -> Any:
         return self.engine.pool(self.spec("Hybrid")).executor
 
-    def request(self, strategy: str, size: int, steps: int) -> dict[str, Any]:
+    def request(self, strategy: str, size: int, steps: int, ulysses_degree: int = 0) -> dict[str, Any]:
         """One engine request; returns driver wall time, the plan, rank stats and the latent."""
         req = make_request(self.arch, size, steps)
         t0 = time.time()
-        res = self.engine.sample(self.spec(strategy), req, self.model_spec, self.arch.heads, self.arch.cfg > 1.0, None)
+        spec = self.spec(strategy, ulysses_degree)
+        res = self.engine.sample(spec, req, self.model_spec, self.arch.heads, self.arch.cfg > 1.0, None)
         t1 = time.time()
         if res.fallback_reason:
             raise RuntimeError(f"the engine fell back to one device: {res.fallback_reason}")
@@ -82,12 +83,14 @@ class EngineBench:
         return {"wall_s": t1 - t0, "plan": res.plan.describe(), "reason": res.plan.reason, "stats": stats,
                 "latent": res.latent, "dispatch_ms": round((r0["t_in"] - t0 + t1 - r0["t_out"]) * 1000, 2)}
 
-    def row(self, strategy: str, size: int, stock_latent: Any, e2e: bool = True) -> dict[str, Any]:
+    def row(self, strategy: str, size: int, stock_latent: Any, e2e: bool = True,
+            ulysses_degree: int = 0) -> dict[str, Any]:
         """Warm-up, timed run (per-step median), optional 28-step and profiled runs, at one size."""
         ex = self._executor()
         ex.collective_rpc("bench_reset", timeout=60)
-        warm = self.request(strategy, size, 2)
-        timed = self.request(strategy, size, self.opts.repeats + 1)
+        ask = functools.partial(self.request, strategy, size, ulysses_degree=ulysses_degree)
+        warm = ask(2)
+        timed = ask(self.opts.repeats + 1)
         stats = timed["stats"]
         out: dict[str, Any] = {
             "plan": timed["plan"], "plan_reason": timed["reason"],
@@ -104,15 +107,15 @@ class EngineBench:
         if stock_latent is not None:
             out["vs_stock"] = compare(timed["latent"], stock_latent)
         if e2e and size in self.opts.e2e_sizes:
-            run28 = self.request(strategy, size, self.opts.e2e_steps)
+            run28 = ask(self.opts.e2e_steps)
             out["e2e_sampling_s"] = round(run28["wall_s"], 3)
             out["dispatch_ms"].append(run28["dispatch_ms"])
         if e2e:  # steady-state dispatch: repeated 1-step requests (the ones above include the pool's first)
             repeats = getattr(self.opts, "dispatch_repeats", 0)
-            out["dispatch_repeat_ms"] = [self.request(strategy, size, 1)["dispatch_ms"] for _ in range(repeats)]
+            out["dispatch_repeat_ms"] = [ask(1)["dispatch_ms"] for _ in range(repeats)]
         if self.opts.profile:
             ex.collective_rpc("bench_reset", (True,), timeout=60)
-            prof = self.request(strategy, size, self.opts.repeats + 1)
+            prof = ask(self.opts.repeats + 1)
             out["profile_rank0"] = prof["stats"][0].get("profile")
             out["profiled_per_step_ms"] = prof["stats"][0]["median_ms"]
         return out
@@ -132,11 +135,7 @@ class EngineBench:
 
     def ulysses_row(self, strategy: str, size: int, stock_latent: Any, degree: int) -> dict[str, Any]:
         """The same row with ``ulysses_degree=degree`` (Ulysses x Ring as the user would set it on the loader)."""
-        self.ulysses_degree = degree
-        try:
-            return self.row(strategy, size, stock_latent, e2e=False)
-        finally:
-            self.ulysses_degree = 0
+        return self.row(strategy, size, stock_latent, e2e=False, ulysses_degree=degree)
 
     def graphs_off_row(self, strategy: str, size: int, stock_latent: Any) -> dict[str, Any]:
         """The same row with CUDA graphs off (``XDIT_CUDA_GRAPHS=off`` in this, the engine's, process)."""
