@@ -282,6 +282,19 @@ class VAEParallelConfig:
         return "GPU " + ",".join(d.split(":")[-1] for d in self.devices)
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """Environment variable ``name`` as an on / off switch (1/true/yes/on, 0/false/no/off; ``default`` when
+    unset or blank); anything else is a ``ConfigError`` naming the variable and the fix."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f'is "{raw}"', "Set it to 1 or 0, or unset it")
+
+
 def env_number(name: str, default: float, minimum: float, *, exclusive: bool = False) -> float:
     """Environment variable ``name`` as a number >= ``minimum`` (``exclusive``: > ``minimum``), ``default``
     when unset or blank; anything else is a ``ConfigError`` naming the variable and the fix."""

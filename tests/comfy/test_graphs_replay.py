@@ -132,3 +132,33 @@ def test_auto_only_for_families_verified_on_gpus(tiny_models):
     forced, stats = install(patcher, CudaGraphs.ON, ReplayBackend(), family=family)
     assert torch.equal(comfy_runtime.run_sampler(forced, req), comfy_runtime.run_sampler(patcher, req))
     assert stats.replayed >= req.steps - 2
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_later_request_warm_starts_and_still_equals_eager(tiny_models, family):
+    """Two requests sharing the worker's ``WarmShapes``: the second captures its first denoiser call
+    (no eager warm-up), and both latents equal eager sampling exactly."""
+    import comfy.sample
+    import torch
+
+    from xdit_multigpu.config import CudaGraphs
+    from xdit_multigpu.testing.graph_backend import ReplayBackend
+    from xdit_multigpu.worker import comfy_runtime
+    from xdit_multigpu.worker.graphs import WarmShapes, install
+
+    tiny = tiny_models[family]
+    patcher, req = _patcher(tiny), _request(tiny, "dpmpp_2m", 3.0)
+    eager = comfy_runtime.run_sampler(patcher, req)
+    warm = WarmShapes()
+    stats = []
+    for seed in (7, 8):
+        clone, s = install(patcher, CudaGraphs.AUTO, ReplayBackend(), warm=warm)
+        this = dataclasses.replace(req, seed=seed, noise=comfy.sample.prepare_noise(req.latent_image, seed))
+        graphed = comfy_runtime.run_sampler(clone, this)
+        reference = eager if seed == 7 else comfy_runtime.run_sampler(patcher, this)
+        assert torch.equal(graphed, reference), (graphed - reference).abs().max()
+        assert seed == 7 or not torch.equal(graphed, eager)  # a different image: stale inputs would show
+        stats.append(s)
+    assert (stats[0].eager, stats[0].warm_starts) == (1, 0), stats[0]
+    assert (stats[1].eager, stats[1].warm_starts, stats[1].captured) == (0, 1, 1), stats[1]
+    assert stats[1].replayed == stats[0].replayed + 1 and not stats[1].warm_start_failed, stats[1]

@@ -153,3 +153,18 @@ def test_groups_bench_takes_the_largest_layout_set_the_machine_has(gpus, largest
     for n, layouts in GPU_LAYOUTS.items():  # every layout uses exactly the first n GPUs
         for text in layouts:
             assert sorted(int(i) for i in text.replace("|", ",").split(",")) == list(range(n))
+
+
+def test_warm_start_ab_table_compares_the_28_step_image_and_setup():
+    rep = _report()
+    rows = rep["models"]["flux-dev"]["engine"]["4"]["rows"]
+    rows["Hybrid/1024"].update(e2e_sampling_s=2.0, setup_ms=10.0,
+                               graphs={"replayed": 5, "captured": 1, "eager": 0, "warm_starts": 1})
+    rows["Hybrid (warm start off)/1024"] = dict(_row(50.5, "cfg 1 x ulysses 4 x ring 1", [24.0] * 4),
+                                                e2e_sampling_s=2.15, setup_ms=160.0)
+    md = render(rep, {})
+    assert "## CUDA graph warm start A/B (same pool, same run)" in md
+    # 28-step image = 0.5 s decode + sampling (no text encode in this report)
+    assert "| flux-dev | 1024² | 4 | 2.650 | 2.500 | 150 | 160.0 | 10.0 | replayed 5, captured 1, eager 0, warm starts 1 |" in md
+    del rows["Hybrid (warm start off)/1024"]
+    assert "warm start A/B" not in render(_report(), {})

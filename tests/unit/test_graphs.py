@@ -14,7 +14,16 @@ from xdit_multigpu.config import CudaGraphs  # noqa: E402
 from xdit_multigpu.errors import ConfigError  # noqa: E402
 from xdit_multigpu.testing.graph_backend import ReplayBackend  # noqa: E402
 from xdit_multigpu.worker import graphs  # noqa: E402
-from xdit_multigpu.worker.graphs import GraphedApplyModel, flatten, foreign_code, foreign_object_patches, is_ours, rebuild  # noqa: E402
+from xdit_multigpu.worker.graphs import (  # noqa: E402
+    GraphedApplyModel,
+    WarmShapes,
+    flatten,
+    foreign_code,
+    foreign_object_patches,
+    is_ours,
+    rebuild,
+    shape_of,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -179,3 +188,61 @@ def test_conds_go_to_the_graph_device_up_front():
     assert args[0] is x and args[1].is_meta and args[2] is None and args[3].is_meta and args[5] is options
     assert kwargs["y"].is_meta and kwargs["ref"][0].is_meta and kwargs["n"] == 3
     assert kwargs["transformer_options"]["sample_sigmas"] is sig  # left where it is
+
+
+def test_warm_start_captures_a_known_shape_at_its_first_call_in_a_later_request():
+    """A request's first call of a shape that an earlier request ran (same worker, model and groups) is
+    captured at once; per-request objects in the signature (other identities) do not matter, shapes do."""
+    warm, ex, backend = WarmShapes(), _Exec(), ReplayBackend()
+    first = GraphedApplyModel(CudaGraphs.AUTO, backend, warm=warm)
+    options = {"req": object()}  # an object of this request (a patcher clone's, say)
+    for _ in range(3):
+        _call(first, ex, torch.randn(2, 4), torch.rand(2), torch.randn(3, 5), options=options)
+    assert (first.stats.eager, first.stats.captured, first.stats.warm_starts) == (1, 1, 0)
+    second = GraphedApplyModel(CudaGraphs.AUTO, backend, warm=warm)
+    options = {"req": object()}  # the next request's own object
+    for _ in range(3):
+        x, t, ctx = torch.randn(2, 4), torch.rand(2), torch.randn(3, 5)
+        out = _call(second, ex, x, t, ctx, options=options)
+        assert torch.equal(out, x * t.view(-1, 1) + ctx.sum())
+    assert (second.stats.eager, second.stats.captured, second.stats.warm_starts, second.stats.replayed) == (0, 1, 1, 2)
+    # A shape no request ran yet still gets its warm-up call; so does every shape without a WarmShapes.
+    _call(second, ex, torch.randn(1, 4), torch.rand(1), torch.randn(3, 5))
+    assert second.stats.eager == 1
+    cold = GraphedApplyModel(CudaGraphs.AUTO, ReplayBackend())
+    for _ in range(2):
+        _call(cold, ex, torch.randn(2, 4), torch.rand(2), torch.randn(3, 5))
+    assert (cold.stats.eager, cold.stats.warm_starts) == (1, 0)
+
+
+def test_a_failed_warm_start_falls_back_to_warm_up_then_capture_and_is_not_tried_again():
+    class FailsOnce(ReplayBackend):
+        def capture(self, fn):
+            if not self.captures:
+                self.captures += 1
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return super().capture(fn)
+
+    warm, ex = WarmShapes(), _Exec()
+    shape = (torch.randn(2, 4), torch.ones(2), torch.zeros(1))
+    _call(GraphedApplyModel(CudaGraphs.AUTO, ReplayBackend(), warm=warm), ex, *shape)  # request 1 ran the shape
+    backend = FailsOnce()
+    second = GraphedApplyModel(CudaGraphs.AUTO, backend, warm=warm)
+    for _ in range(4):
+        x = torch.randn(2, 4)
+        assert torch.equal(_call(second, ex, x, torch.ones(2), torch.zeros(1)), x)
+    s = second.stats
+    assert (s.eager, s.captured, s.replayed, s.warm_starts, s.failed) == (1, 1, 2, 0, [])  # as without warm start
+    assert "not permitted" in s.warm_start_failed[0]
+    third = GraphedApplyModel(CudaGraphs.AUTO, ReplayBackend(), warm=warm)
+    for _ in range(2):
+        _call(third, ex, torch.randn(2, 4), torch.ones(2), torch.zeros(1))
+    assert (third.stats.eager, third.stats.captured, third.stats.warm_starts) == (1, 1, 0)  # refused: warm-up first
+
+
+def test_shape_of_drops_identities_only():
+    big, other = torch.zeros(100), torch.zeros(100)
+    _, a = _sig([object(), big, torch.tensor([1.0, 2.0]), 3], "cuda")
+    _, b = _sig([object(), other, torch.tensor([1.0, 2.0]), 3], "cuda")
+    _, c = _sig([object(), other, torch.tensor([1.0, 5.0]), 3], "cuda")
+    assert a != b and shape_of(a) == shape_of(b) != shape_of(c)  # small constants stay by value

@@ -49,6 +49,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the A/B rows (largest device count again with XDIT_SHARD_TEXT=0 XDIT_FUSED_ULYSSES=0)")
     ap.add_argument("--graphs-ab", action="store_true",
                     help="also run every device count's Hybrid rows with XDIT_CUDA_GRAPHS=off (CUDA graphs A/B)")
+    ap.add_argument("--warm-start-ab", action="store_true",
+                    help="also run every device count's Hybrid rows, 28-step image included, with "
+                         "XDIT_CUDA_GRAPHS_WARM_START=0 (CUDA graph warm start A/B)")
     ap.add_argument("--chunks-ab", type=int, nargs="*", default=[], metavar="N",
                     help="also run every multi-device Hybrid row with XDIT_ULYSSES_CHUNKS=N for each N "
                          "(fused Ulysses head chunks: communication/compute overlap A/B)")

@@ -26,6 +26,7 @@ LEGACY = "levers off"
 GRAPHS_OFF = "graphs off"  # the same row with XDIT_CUDA_GRAPHS=off (read by the engine in this process)
 CHUNKS = "chunks "  # + N: the same row with XDIT_ULYSSES_CHUNKS=N in the workers (fused Ulysses overlap A/B)
 ULYSSES = "ulysses "  # + N: a USP row with ulysses_degree=N (the rest of the split on ring)
+WARM_OFF = "warm start off"  # the same row, 28-step image included, with XDIT_CUDA_GRAPHS_WARM_START=0 in the workers
 
 
 def make_engine() -> Any:
@@ -124,12 +125,14 @@ class EngineBench:
         """The same row with the parallel-path levers off (text replicated, yunchang's all-to-alls)."""
         return self.env_row(strategy, size, stock_latent, LEGACY_ENV)
 
-    def env_row(self, strategy: str, size: int, stock_latent: Any, env: dict[str, str]) -> dict[str, Any]:
-        """The same row with ``env`` set in every worker (``parallel/tuning.py`` switches, read per request)."""
+    def env_row(self, strategy: str, size: int, stock_latent: Any, env: dict[str, str],
+                e2e: bool = False) -> dict[str, Any]:
+        """The same row with ``env`` set in every worker (switches read per request: ``parallel/tuning.py``,
+        ``XDIT_CUDA_GRAPHS_WARM_START``); ``e2e``: with its 28-step image and dispatch repeats."""
         ex = self._executor()
         old = ex.collective_rpc("bench_env", (env,), timeout=60)[0]
         try:
-            return self.row(strategy, size, stock_latent, e2e=False)
+            return self.row(strategy, size, stock_latent, e2e=e2e)
         finally:
             self._executor().collective_rpc("bench_env", (old,), timeout=60)
 
@@ -183,7 +186,10 @@ def run_model(engine: Any, arch: Arch, model: dict[str, Any], n: int, kind: Devi
         jobs += [("Hybrid", size, LEGACY) for size in sizes]
     if getattr(opts, "graphs_ab", False) and kind is DeviceKind.CUDA:
         jobs += [("Hybrid", size, GRAPHS_OFF) for size in sizes]
-    runs = {None: bench.row, LEGACY: bench.legacy_row, GRAPHS_OFF: bench.graphs_off_row}
+    runs = {None: bench.row, LEGACY: bench.legacy_row, GRAPHS_OFF: bench.graphs_off_row,
+            WARM_OFF: functools.partial(bench.env_row, env={"XDIT_CUDA_GRAPHS_WARM_START": "0"}, e2e=True)}
+    if getattr(opts, "warm_start_ab", False) and kind is DeviceKind.CUDA:
+        jobs += [("Hybrid", size, WARM_OFF) for size in sizes]
     if n > 1:
         for c in getattr(opts, "chunks_ab", None) or ():
             runs[f"{CHUNKS}{c}"] = functools.partial(bench.env_row, env={"XDIT_ULYSSES_CHUNKS": str(c)})

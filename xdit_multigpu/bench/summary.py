@@ -72,6 +72,8 @@ def _graphs(g: dict[str, Any] | None) -> str | None:
     if not g:
         return None
     text = f"replayed {g.get('replayed', 0)}, captured {g.get('captured', 0)}, eager {g.get('eager', 0)}"
+    if g.get("warm_starts"):
+        text += f", warm starts {g['warm_starts']}"
     return text + (f" ({g['off_reason']})" if g.get("off_reason") else "")
 
 

@@ -41,6 +41,10 @@ from .tuning import Tuning
 from .ulysses import FusedUlysses
 
 log = logging.getLogger(__name__)
+# (kernel, device, dtype, head dim) whose LSE ``verify_lse`` accepted, for the whole process: the check
+# syncs with the host, which must not happen inside a CUDA graph capture (a request's first call may be
+# captured when an earlier request ran its shape, see ``worker/graphs.py``), and its answer cannot change.
+_LSE_VERIFIED: set[tuple[str, str, torch.dtype, int]] = set()
 
 
 class FirstStepJoint:
@@ -89,7 +93,6 @@ class SequenceAttention:
                  backend: AttentionBackend = AttentionBackend.YUNCHANG) -> None:
         tuning = tuning or Tuning()
         self.groups = groups
-        self._verified: set[tuple[str, torch.dtype, int]] = set()
         plan = groups.plan
         self.ulysses = plan.ulysses
         uly_pg, ring_pg = groups.ulysses or groups.solo, groups.ring or groups.solo
@@ -118,10 +121,10 @@ class SequenceAttention:
 
     def kernel_for(self, q: torch.Tensor) -> Kernel:
         kernel = select_kernel(q.device, q.dtype, q.shape[-1])
-        key = (str(q.device), q.dtype, q.shape[-1])
-        if self.groups.plan.ring > 1 and key not in self._verified:
+        key = (f"{kernel.__module__}.{kernel.__qualname__}", str(q.device), q.dtype, q.shape[-1])
+        if self.groups.plan.ring > 1 and key not in _LSE_VERIFIED:
             verify_lse(kernel, q.device, q.dtype, q.shape[-1])
-            self._verified.add(key)
+            _LSE_VERIFIED.add(key)
         return kernel
 
     def usp(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int) -> torch.Tensor:

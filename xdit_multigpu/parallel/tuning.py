@@ -15,18 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..config import env_flag
 from ..errors import ConfigError
-
-
-def _flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(name, f'is "{raw}"', "Set it to 1 or 0, or unset it")
 
 
 def _chunks(name: str) -> int:
@@ -47,5 +37,5 @@ class Tuning:
 
     @classmethod
     def from_env(cls) -> Tuning:
-        return cls(shard_text=_flag("XDIT_SHARD_TEXT", True), fused_ulysses=_flag("XDIT_FUSED_ULYSSES", True),
+        return cls(shard_text=env_flag("XDIT_SHARD_TEXT", True), fused_ulysses=env_flag("XDIT_FUSED_ULYSSES", True),
                    ulysses_chunks=_chunks("XDIT_ULYSSES_CHUNKS"))

@@ -13,6 +13,11 @@ innermost ``APPLY_MODEL`` wrapper, so every wrapper of other code runs eagerly a
   between such calls is tensor *values*, which are copied into the captured input tensors first.
 * Call 1 of a signature runs eagerly (lazy initialisation: NCCL communicators, cuBLAS handles), call 2
   captures and replays, later calls copy and replay. Outputs are cloned out of the graph's memory.
+* **Warm start** (``WarmShapes``, owned by the worker for one loaded model and one set of process
+  groups): once a call *shape* (the signature without object identities) has run on this rank, a later
+  request's first call of that shape is captured at once: the lazy initialisation the eager call was
+  for is done. A shape whose warm start fails to capture goes back to eager-then-capture for good.
+  ``XDIT_CUDA_GRAPHS_WARM_START=0`` turns it off (A/B; read by the worker per request).
 * Whatever fails during capture (a host sync, an unsupported op) leaves that signature eager (logged);
   more than ``max_graphs`` signatures, a ControlNet, CPU tensors or partly offloaded weights: eager.
 * ``CudaGraphs.AUTO`` also stays eager when code other than ComfyUI's model and this pack runs inside
@@ -27,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import CudaGraphs
+from ..config import CudaGraphs, env_flag
 
 log = logging.getLogger("xdit_multigpu.graphs")
 
@@ -50,10 +55,13 @@ class GraphStats:
     off_reason: str | None = None  # why graphs were not used (for the whole request), if so
     failed: list[str] = field(default_factory=list)  # capture errors, one per signature
     last_miss: str | None = None  # how the last new signature differed from the previous one (diagnostics)
+    warm_starts: int = 0  # of ``captured``: captured on a signature's first call (no eager warm-up)
+    warm_start_failed: list[str] = field(default_factory=list)  # such captures that failed (then eager)
 
     def as_dict(self) -> dict[str, Any]:
         return {"eager": self.eager, "captured": self.captured, "replayed": self.replayed,
-                "off_reason": self.off_reason, "failed": list(self.failed), "last_miss": self.last_miss}
+                "off_reason": self.off_reason, "failed": list(self.failed), "last_miss": self.last_miss,
+                "warm_starts": self.warm_starts, "warm_start_failed": list(self.warm_start_failed)}
 
 
 # -- the argument tree ---------------------------------------------------------------------------------
@@ -82,6 +90,47 @@ def flatten(obj: Any, tensors: list[Any], sig: list[Any], device_type: str = "cu
         sig.append((type(obj).__name__, obj))
     else:
         sig.append(("O", id(obj)))
+
+
+def shape_of(sig: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A signature without object identities (other objects, large off-device constants): what a call of
+    another request with the same shapes and values-by-value has in common with this one."""
+    out = []
+    for e in sig:
+        if type(e) is tuple and e and e[0] == "O":
+            e = ("O",)
+        elif type(e) is tuple and e and e[0] == "const" and not isinstance(e[3], tuple):
+            e = e[:3]
+        out.append(e)
+    return tuple(out)
+
+
+WARM_START_ENV = "XDIT_CUDA_GRAPHS_WARM_START"
+
+
+def warm_start_enabled() -> bool:
+    """``XDIT_CUDA_GRAPHS_WARM_START`` (default on): whether the worker hands its ``WarmShapes`` to a request."""
+    return env_flag(WARM_START_ENV, True)
+
+
+class WarmShapes:
+    """Call shapes (``shape_of``) that already ran on this rank with one loaded model and one set of
+    process groups. Their lazy initialisation (NCCL communicators, cuBLAS workspaces, caches that live
+    as long as the model) is done, so a later request may capture their first call instead of running it
+    eagerly first. The worker owns one per groups key and clears them when the model or groups change."""
+
+    def __init__(self) -> None:
+        self._ran: set[tuple[Any, ...]] = set()
+        self._refused: set[tuple[Any, ...]] = set()  # a warm start failed: never again for this shape
+
+    def ready(self, shape: tuple[Any, ...]) -> bool:
+        return shape in self._ran and shape not in self._refused
+
+    def ran(self, shape: tuple[Any, ...]) -> None:
+        self._ran.add(shape)
+
+    def refuse(self, shape: tuple[Any, ...]) -> None:
+        self._refused.add(shape)
 
 
 def rebuild(obj: Any, tensors: Any, device_type: str = "cuda") -> Any:
@@ -202,10 +251,12 @@ class CudaBackend:
 class GraphedApplyModel:
     """The ``APPLY_MODEL`` wrapper (see the module docstring for the contract)."""
 
-    def __init__(self, mode: CudaGraphs, backend: Any = None, max_graphs: int = 4) -> None:
+    def __init__(self, mode: CudaGraphs, backend: Any = None, max_graphs: int = 4,
+                 warm: WarmShapes | None = None) -> None:
         self.mode = mode
         self.backend = backend or CudaBackend()
         self.max_graphs = max_graphs
+        self.warm = warm
         self.stats = GraphStats()
         self._calls: dict[tuple[Any, ...], int] = {}
         self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, stay eager
@@ -227,12 +278,18 @@ class GraphedApplyModel:
         if seen == 0 and self._calls:
             self.stats.last_miss = _first_difference(next(reversed(self._calls)), key)
         self._calls[key] = seen + 1
-        if key in self._graphs or seen == 0:  # failed before, or the warm-up call of this signature
+        shape = shape_of(key) if self.warm is not None else None
+        if key in self._graphs:  # its capture failed: eager
             return self._eager(executor, args, kwargs, None)
+        if seen == 0 and not (shape is not None and self.warm.ready(shape)):  # this signature's warm-up call
+            out = self._eager(executor, args, kwargs, None)
+            if shape is not None:
+                self.warm.ran(shape)
+            return out
         if len(self._graphs) >= self.max_graphs:
             self.stats.off_reason = f"more than {self.max_graphs} input signatures"
             return self._eager(executor, args, kwargs, self.stats.off_reason)
-        return self._capture(executor, args, kwargs, key, tensors)
+        return self._capture(executor, args, kwargs, key, tensors, warm_start=seen == 0)
 
     def _eager_reason(self, executor: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if self.stats.off_reason is not None:
@@ -259,23 +316,36 @@ class GraphedApplyModel:
         return executor(*args, **kwargs)
 
     def _capture(self, executor: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: tuple[Any, ...],
-                 tensors: list[Any]) -> Any:
+                 tensors: list[Any], warm_start: bool = False) -> Any:
+        """Capture and replay; on failure run eagerly. A failed warm start is not final: the shape is
+        refused for warm starts and the signature's next call captures after this eager one, as usual."""
         inputs = [t.clone() for t in tensors]  # outside the graph's pool: they live as long as the graph
         s_args, s_kwargs = rebuild((args, kwargs), iter(inputs), self.backend.device_type)
         try:
             graph, out = self.backend.capture(lambda: executor(*s_args, **s_kwargs))
         except Exception as e:  # noqa: BLE001  (any capture failure: this signature stays eager)
-            self._graphs[key] = None
-            self.stats.failed.append(f"{type(e).__name__}: {e}"[:300])
-            log.warning("xDiT: CUDA graph capture failed, this call shape stays eager: %s", self.stats.failed[-1])
+            error = f"{type(e).__name__}: {e}"[:300]
+            if warm_start and self.warm is not None:
+                self.warm.refuse(shape_of(key))
+                self.stats.warm_start_failed.append(error)
+                log.info("xDiT: CUDA graph warm start failed, capturing after a warm-up call instead: %s", error)
+            else:
+                self._graphs[key] = None
+                self.stats.failed.append(error)
+                log.warning("xDiT: CUDA graph capture failed, this call shape stays eager: %s", error)
             return self._eager(executor, args, kwargs, None)
         self._graphs[key] = _Graph(graph, inputs, out)
         self.stats.captured += 1
+        self.stats.warm_starts += warm_start
+        if self.warm is not None:
+            self.warm.ran(shape_of(key))
         return self._graphs[key].replay(tensors)
 
 
-def install(patcher: Any, mode: CudaGraphs, backend: Any = None, family: Any = None) -> tuple[Any, GraphStats | None]:
+def install(patcher: Any, mode: CudaGraphs, backend: Any = None, family: Any = None,
+            warm: WarmShapes | None = None) -> tuple[Any, GraphStats | None]:
     """A clone of ``patcher`` with the graph wrapper innermost (``mode`` OFF: ``patcher`` unchanged).
+    ``warm``: the worker's shapes that already ran with this model and these groups (warm start).
 
     AUTO skips graphs up front for a family not yet verified on GPUs (``family``: its ``ModelSpec``,
     ``cuda_graphs``) and when another node's object patch or hook patches are on the model.
@@ -297,7 +367,7 @@ def install(patcher: Any, mode: CudaGraphs, backend: Any = None, family: Any = N
         if foreign is not None:
             stats_only.off_reason = f"another node's {foreign}; XDIT_CUDA_GRAPHS=on replays it anyway"
             return patcher, stats_only
-    wrapper = GraphedApplyModel(mode, backend)
+    wrapper = GraphedApplyModel(mode, backend, warm=warm)
     clone = patcher.clone()
     clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)

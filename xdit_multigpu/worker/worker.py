@@ -57,6 +57,8 @@ class Worker:
         self.patcher: Any = None
         self.spec: Any = None  # models.registry.ModelSpec of the loaded model, None if unsupported
         self._groups: dict[tuple[int, int, int], Any] = {}
+        # worker.graphs.WarmShapes per groups key: call shapes that already ran with this model (CUDA graph warm start)
+        self._graph_warm: dict[tuple[int, int, int], Any] = {}
         self._deltas = DeltaCache()  # the loaded model with the request's modifications (LoRA, ...)
         self._loaded_plain = False  # True when load_model loaded the plain file (deltas apply on top)
         self.graph_stats: Any = None  # worker.graphs.GraphStats of the last request (GPU ranks), or None
@@ -223,9 +225,11 @@ class Worker:
                 raise RuntimeError(f"{type(self.patcher.model.model_config).__name__} has no ModelSpec to parallelize")
             patcher = parallelize(patcher, self.spec, plan, self._groups_for(plan))
         if self.backend == "nccl":  # CUDA graphs: GPU ranks only (innermost wrapper, after parallelize's)
-            from .graphs import install
+            from .graphs import WarmShapes, install, warm_start_enabled
 
-            patcher, self.graph_stats = install(patcher, plan.graphs, family=self.spec)
+            warm = (self._graph_warm.setdefault((plan.cfg, plan.ulysses, plan.ring), WarmShapes())
+                    if warm_start_enabled() else None)
+            patcher, self.graph_stats = install(patcher, plan.graphs, family=self.spec, warm=warm)
         out = comfy_runtime.run_sampler(patcher, req, callback=comfy_runtime.progress_callback(progress))
         return out.cpu() if self.rank == 0 else None
 
@@ -260,6 +264,7 @@ class Worker:
         self._loaded_plain = False
         self._deltas.clear()
         self._groups.clear()
+        self._graph_warm.clear()
         gc.collect()
         try:
             import comfy.model_management as mm
