@@ -136,8 +136,9 @@ def test_auto_only_for_families_verified_on_gpus(tiny_models):
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_a_later_request_warm_starts_and_still_equals_eager(tiny_models, family):
-    """Two requests sharing the worker's ``WarmShapes``: the second captures its first denoiser call
-    (no eager warm-up), and both latents equal eager sampling exactly."""
+    """Two requests sharing the worker's ``WarmShapes``: the second (another seed and step count, so
+    another full signature of the same shape) captures its first denoiser call (no eager warm-up), and
+    both latents equal eager sampling exactly."""
     import comfy.sample
     import torch
 
@@ -153,7 +154,8 @@ def test_a_later_request_warm_starts_and_still_equals_eager(tiny_models, family)
     stats = []
     for seed in (7, 8):
         clone, s = install(patcher, CudaGraphs.AUTO, ReplayBackend(), warm=warm)
-        this = dataclasses.replace(req, seed=seed, noise=comfy.sample.prepare_noise(req.latent_image, seed))
+        this = dataclasses.replace(req, seed=seed, noise=comfy.sample.prepare_noise(req.latent_image, seed),
+                                   steps=req.steps + seed - 7)
         graphed = comfy_runtime.run_sampler(clone, this)
         reference = eager if seed == 7 else comfy_runtime.run_sampler(patcher, this)
         assert torch.equal(graphed, reference), (graphed - reference).abs().max()
@@ -161,4 +163,4 @@ def test_a_later_request_warm_starts_and_still_equals_eager(tiny_models, family)
         stats.append(s)
     assert (stats[0].eager, stats[0].warm_starts) == (1, 0), stats[0]
     assert (stats[1].eager, stats[1].warm_starts, stats[1].captured) == (0, 1, 1), stats[1]
-    assert stats[1].replayed == stats[0].replayed + 1 and not stats[1].warm_start_failed, stats[1]
+    assert stats[1].replayed == stats[0].replayed + 2 and not stats[1].warm_start_failed, stats[1]  # one more step

@@ -1,7 +1,7 @@
 """CUDA graph warm start on GPUs: a later request captures its first denoiser call (no eager warm-up).
 
 Per plan (tiny Flux and SD3, bf16; 1 GPU, Ulysses 2, Ring 2, CFG 2): request A runs with graphs (its
-first call eager, the second captured); request B, a new seed in the same pool, must capture its first
+first call eager, the second captured); request B, a new seed and step count in the same pool, must capture its first
 call (rank 0's counters: no eager call, one warm start, no failed capture) and its latent must equal
 request B sampled eagerly (``XDIT_CUDA_GRAPHS=off``) within the bf16 bound of the graphs test.
 """
@@ -78,7 +78,8 @@ def test_later_request_warm_starts_and_equals_eager(tiny, family):
             spec = DispatcherSpec(load, DeviceSet.parse(",".join(map(str, range(n))), n), ParallelStrategy(strategy),
                                   family=model_spec.name, ulysses_degree=degree)
             first = dataclasses.replace(base, cfg=cfg)
-            later = dataclasses.replace(first, seed=6, noise=comfy.sample.prepare_noise(latent, 6))
+            # another seed and step count: another full signature (ComfyUI's sample_sigmas), the same shape
+            later = dataclasses.replace(first, seed=6, noise=comfy.sample.prepare_noise(latent, 6), steps=7)
             _, g_first = _run(engine, spec, first, model_spec, t.heads, "on")
             graphed, g_later = _run(engine, spec, later, model_spec, t.heads, "on")
             eager, _ = _run(engine, spec, later, model_spec, t.heads, "off")

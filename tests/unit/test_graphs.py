@@ -240,9 +240,18 @@ def test_a_failed_warm_start_falls_back_to_warm_up_then_capture_and_is_not_tried
     assert (third.stats.eager, third.stats.captured, third.stats.warm_starts) == (1, 1, 0)  # refused: warm-up first
 
 
-def test_shape_of_drops_identities_only():
+def test_shape_of_drops_identities_constant_values_and_small_tensor_shapes():
     big, other = torch.zeros(100), torch.zeros(100)
     _, a = _sig([object(), big, torch.tensor([1.0, 2.0]), 3], "cuda")
-    _, b = _sig([object(), other, torch.tensor([1.0, 2.0]), 3], "cuda")
-    _, c = _sig([object(), other, torch.tensor([1.0, 5.0]), 3], "cuda")
-    assert a != b and shape_of(a) == shape_of(b) != shape_of(c)  # small constants stay by value
+    _, b = _sig([object(), other, torch.tensor([1.0, 5.0]), 3], "cuda")  # e.g. another step count's sigmas
+    assert a != b and shape_of(a) == shape_of(b)
+    for differs in ([object(), other, torch.tensor([1.0, 2.0, 3.0]), 3],  # a constant's shape
+                    [object(), other, torch.tensor([1.0, 2.0]), 4],  # a plain number
+                    [object(), other, torch.tensor([1, 2]), 3]):  # a constant's dtype
+        assert shape_of(_sig(differs, "cuda")[1]) != shape_of(a)
+    # Graph inputs: small ones (sigmas of another step count) by dtype only, large ones by shape too.
+    _, s5 = _sig([torch.zeros(5), torch.zeros(2, 64)])
+    _, s29 = _sig([torch.zeros(29), torch.zeros(2, 64)])
+    assert s5 != s29 and shape_of(s5) == shape_of(s29)
+    assert shape_of(_sig([torch.zeros(5), torch.zeros(1, 64)])[1]) != shape_of(s5)
+    assert shape_of(_sig([torch.zeros(5, dtype=torch.float64), torch.zeros(2, 64)])[1]) != shape_of(s5)

@@ -92,17 +92,33 @@ def flatten(obj: Any, tensors: list[Any], sig: list[Any], device_type: str = "cu
         sig.append(("O", id(obj)))
 
 
+SMALL_TENSOR = 64  # elements: at most this many, a tensor's shape does not name a call shape (warm starts)
+
+
 def shape_of(sig: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A signature without object identities (other objects, large off-device constants): what a call of
-    another request with the same shapes and values-by-value has in common with this one."""
+    """The call shape of a signature, for warm starts: without object identities, off-device constants'
+    values, and the shapes of small tensors. Two requests' calls then agree when only per-request objects
+    or the step count differ (ComfyUI passes ``sample_sigmas``, steps + 1 values, in the call). The lazy
+    initialisation a warm-up call is for follows the large tensors' shapes; the full signature still
+    decides which captured graph a call may replay, and a warm start that fails to capture costs one
+    eager call (``GraphedApplyModel._capture``)."""
     out = []
     for e in sig:
         if type(e) is tuple and e and e[0] == "O":
             e = ("O",)
-        elif type(e) is tuple and e and e[0] == "const" and not isinstance(e[3], tuple):
+        elif type(e) is tuple and e and e[0] == "const":
             e = e[:3]
+        elif type(e) is tuple and e and e[0] == "T" and _numel(e[1]) <= SMALL_TENSOR:
+            e = ("t", e[2], e[3])
         out.append(e)
     return tuple(out)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 WARM_START_ENV = "XDIT_CUDA_GRAPHS_WARM_START"
