@@ -26,7 +26,8 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     out, models = tmp_path / "bench", tmp_path / "models"
     env = {**os.environ, "COMFYUI_PATH": comfy_root, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "xdit_multigpu.bench", "--out", str(out), "--cpu-selfcheck",
-                        "--model-dir", str(models), "--chunks-ab", "2", "--ulysses-degrees", "1"], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=540)
+                        "--model-dir", str(models), "--chunks-ab", "2", "--ulysses-degrees", "1", "--e2e-repeats", "3"],
+                       env=env, cwd=str(REPO), capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stderr[-4000:]
     with open(out / "bench.json") as f:
         report = json.load(f)
@@ -56,6 +57,8 @@ def test_cpu_selfcheck_writes_valid_json_and_report(tmp_path, comfy_root):
     assert stock["text_encode_s"] is None and "tiny-flux" in stock["text_encode_note"]  # no real-size encoders
     assert len(flux2["dispatch_repeat_ms"]) == 2 and all(d > 0 for d in flux2["dispatch_repeat_ms"])  # steady state
     assert "dispatch_repeat_ms" not in legacy  # A/B rows time the step only
+    runs = flux2["e2e_sampling_runs_s"]  # --e2e-repeats 3: the row's figure is their median
+    assert len(runs) == 3 and flux2["e2e_sampling_s"] == sorted(runs)[1]
     ring = report["models"]["tiny-flux"]["engine"]["2"]["rows"]["USP (ulysses 1)/128"]  # ulysses_degree=1: all ring
     assert ring["plan"].startswith("cfg 1 x ulysses 1 x ring 2") and ring["vs_stock"]["rel_l2"] < 1e-4
     md = tmp_path / "docs" / "bench.md"

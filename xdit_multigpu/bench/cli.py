@@ -39,6 +39,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per row (median of their intervals)")
     ap.add_argument("--e2e-sizes", type=int, nargs="*", default=None, help="sizes that also get a 28-step run")
     ap.add_argument("--e2e-steps", type=int, default=28)
+    ap.add_argument("--e2e-repeats", type=int, default=1,
+                    help="28-step requests per engine row (median; odd counts give a measured value)")
     ap.add_argument("--model-dir", default=os.environ.get("XDIT_BENCH_MODEL_DIR", "/tmp/xdit_bench_models"))
     ap.add_argument("--quick", action="store_true", help="flux-dev only, 1 and 4 GPUs, 3 repeats, no side-by-side")
     ap.add_argument("--profile", action="store_true", help="one extra profiled request per row (rank 0 summary)")
