@@ -48,8 +48,8 @@ def check_targets(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[di
 
 def _memory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for r in rows:
-        if r.get("gpus", 1) <= 1 or not r.get("peak_gb"):
+    for r in rows:  # the plain strategies' rows; an A/B variant ("Hybrid (graphs off)") repeats its row's plan
+        if r.get("gpus", 1) <= 1 or not r.get("peak_gb") or "(" in str(r.get("strategy", "")):
             continue
         one = _row(rows, r["model"], r["size"], 1)
         peaks = [p for p in r["peak_gb"] if p is not None]
