@@ -14,7 +14,8 @@ innermost ``APPLY_MODEL`` wrapper, so every wrapper of other code runs eagerly a
 * Call 1 of a signature runs eagerly (lazy initialisation: NCCL communicators, cuBLAS handles), call 2
   captures and replays, later calls copy and replay. Outputs are cloned out of the graph's memory.
 * **Warm start** (``WarmShapes``, owned by the worker for one loaded model and one set of process
-  groups): once a call *shape* (the signature without object identities) has run on this rank, a later
+  groups): once a call *shape* (``shape_of``: the signature without object identities, constants' values
+  and small tensors' shapes, e.g. the step count's sigmas) has run on this rank, a later
   request's first call of that shape is captured at once: the lazy initialisation the eager call was
   for is done. A shape whose warm start fails to capture goes back to eager-then-capture for good.
   ``XDIT_CUDA_GRAPHS_WARM_START=0`` turns it off (A/B; read by the worker per request).
