@@ -6,6 +6,11 @@ uses) is set only once this test has shown its graphed latent equal to the eager
 Per family (tiny models, bf16, image and video): one GPU, and two GPUs with sequence parallel (cfg 1) and CFG parallel
 (cfg 4). The graphed latent must equal the eager one within the bf16 bound, and rank 0 must really
 have replayed graphs (``bench_stats``' counters), so a silent fall back to eager fails the test.
+
+Warm start (tiny Flux and SD3; 1 GPU, Ulysses 2, Ring 2, CFG 2): request A runs with graphs (its first
+call eager, the second captured); request B, a new seed and step count in the same pool, must capture its
+first call (rank 0's counters: no eager call, one warm start, no failed capture) and its latent must equal
+request B sampled eagerly within the same bound.
 """
 
 from __future__ import annotations
@@ -51,6 +56,28 @@ def tiny(tmp_path_factory):
             json.dump(RESULTS, f, indent=1)
 
 
+def _model(t):
+    """(LoadSpec, ModelSpec) of a tiny model file."""
+    from xdit_multigpu.config import LoaderKind, LoadSpec
+    from xdit_multigpu.models import lookup
+
+    load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, t.path, unet_config_json=t.unet_config_json)
+    return load, lookup(t.config_class)
+
+
+def _request(t, latent, size: int):
+    """euler / simple, 6 steps, seed 5, cfg 1 (callers replace cfg), conds for a ``size``² image."""
+    import comfy.sample
+
+    from xdit_multigpu.engine.request import SampleRequest
+    from xdit_multigpu.testing.tiny_models import conditioning_for
+
+    return SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
+                         positive=conditioning_for(t, seed=1, width=size, height=size),
+                         negative=conditioning_for(t, seed=2, width=size, height=size), seed=5, steps=6, cfg=1.0,
+                         sampler_name="euler", scheduler="simple")
+
+
 def _run(engine, spec, req, model_spec, heads, graphs: str):
     os.environ["XDIT_CUDA_GRAPHS"] = graphs
     try:
@@ -64,13 +91,10 @@ def _run(engine, spec, req, model_spec, heads, graphs: str):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graphed_equals_eager(tiny, family):
-    import comfy.sample
-
     from xdit_multigpu.bench.engine_rows import make_engine
-    from xdit_multigpu.config import DeviceSet, DispatcherSpec, LoaderKind, LoadSpec
-    from xdit_multigpu.engine.request import SampleRequest
+    from xdit_multigpu.config import DeviceSet, DispatcherSpec
     from xdit_multigpu.models import lookup
-    from xdit_multigpu.testing.tiny_models import conditioning_for, empty_latent
+    from xdit_multigpu.testing.tiny_models import empty_latent
 
     t = tiny[family]
     size = 1024 if family == "sdxl" else 512
@@ -81,12 +105,8 @@ def test_graphed_equals_eager(tiny, family):
     else:
         latent = empty_latent(t, size, size)["samples"]
         latent = latent.unsqueeze(2) if family == "qwen_image" else latent
-    load = LoadSpec.for_file(LoaderKind.DIFFUSION_MODEL, t.path, unet_config_json=t.unet_config_json)
-    model_spec = lookup(t.config_class)
-    base = SampleRequest(noise=comfy.sample.prepare_noise(latent, 5), latent_image=latent,
-                         positive=conditioning_for(t, seed=1, width=size, height=size),
-                         negative=conditioning_for(t, seed=2, width=size, height=size), seed=5, steps=6, cfg=1.0,
-                         sampler_name="euler", scheduler="simple")
+    load, model_spec = _model(t)
+    base = _request(t, latent, size)
     engine = make_engine()
     try:
         for n, cfg in ((1, 1.0), (2, 1.0), (2, 4.0)):
@@ -109,6 +129,49 @@ def test_graphed_equals_eager(tiny, family):
                 assert not lookup(t.config_class).cuda_graphs  # so auto does not try
                 continue
             assert g_on and g_on["replayed"] >= req.steps - 2 and not g_on["failed"], row
+            assert rel <= REL_L2, row
+    finally:
+        engine.release_all(stop_ray=False)
+
+
+# (devices, cfg, strategy, ulysses_degree): one GPU; Ulysses 2; Ring 2 (ulysses_degree 1); CFG 2
+WARM_PLANS = [(1, 1.0, "Hybrid", 0), (2, 1.0, "USP", 0), (2, 1.0, "USP", 1), (2, 4.0, "CFG", 0)]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_later_request_warm_starts_and_equals_eager(tiny, family):
+    import comfy.sample
+
+    from xdit_multigpu.bench.engine_rows import make_engine
+    from xdit_multigpu.config import DeviceSet, DispatcherSpec, ParallelStrategy
+    from xdit_multigpu.testing.tiny_models import empty_latent
+
+    t = tiny[family]
+    latent = empty_latent(t, 512, 512)["samples"]
+    load, model_spec = _model(t)
+    base = _request(t, latent, 512)
+    engine = make_engine()
+    try:
+        for n, cfg, strategy, degree in WARM_PLANS:
+            spec = DispatcherSpec(load, DeviceSet.parse(",".join(map(str, range(n))), n), ParallelStrategy(strategy),
+                                  family=model_spec.name, ulysses_degree=degree)
+            first = dataclasses.replace(base, cfg=cfg)
+            # another seed and step count: another full signature (ComfyUI's sample_sigmas), the same shape
+            later = dataclasses.replace(first, seed=6, noise=comfy.sample.prepare_noise(latent, 6), steps=7)
+            _, g_first = _run(engine, spec, first, model_spec, t.heads, "on")
+            graphed, g_later = _run(engine, spec, later, model_spec, t.heads, "on")
+            eager, _ = _run(engine, spec, later, model_spec, t.heads, "off")
+            a, b = graphed.latent.float(), eager.latent.float()
+            rel = float((a - b).norm() / b.norm())
+            row = {"test": "warm start", "family": family, "gpus": n, "cfg": cfg, "plan": graphed.plan.describe(),
+                   "rel_l2": rel, "max_abs": float((a - b).abs().max()), "graphs_first": g_first,
+                   "graphs_later": g_later}
+            RESULTS.append(row)
+            print(json.dumps(row), flush=True)
+            assert g_first["eager"] >= 1 and not g_first.get("warm_starts"), row  # a new pool: warm-up first
+            assert g_later["eager"] == 0 and g_later["warm_starts"] >= 1, row
+            assert not g_later["failed"] and not g_later["warm_start_failed"], row
+            assert g_later["replayed"] >= later.steps - 1, row
             assert rel <= REL_L2, row
     finally:
         engine.release_all(stop_ray=False)
