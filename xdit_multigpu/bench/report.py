@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .plots import write_plots
@@ -92,64 +93,62 @@ AB_VARIANTS = (
 )
 
 
-def _chunk_lines(rows: list[dict[str, Any]], on: dict[tuple[Any, ...], dict[str, Any]]) -> list[str]:
-    """Fused Ulysses head chunks (``--chunks-ab``): each forced chunk count against the default (auto) row."""
-    lines = []
+def _twins(rows: list[dict[str, Any]], on: dict[tuple[Any, ...], dict[str, Any]],
+           is_variant: Callable[[str], bool]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(A/B row, the default Hybrid row of its model, size and GPUs) for each row whose strategy is a variant."""
     for r in rows:
-        variant = str(r.get("strategy", ""))
         new = on.get((r.get("model"), r.get("size"), r.get("gpus")))
-        if not variant.startswith("Hybrid (chunks ") or not r.get("per_step_ms") or not new:
-            continue
-        lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']} | {variant[len('Hybrid (chunks '):-1]} | "
-                     f"{_f(r['per_step_ms'])} | {_f(new['per_step_ms'])} ({new.get('attention_paths') or '–'}) | "
-                     f"{r['per_step_ms'] / new['per_step_ms']:.2f}x |")
+        if new and is_variant(str(r.get("strategy", ""))):
+            yield r, new
+
+
+def _section(title: str, columns: tuple[str, ...], lines: list[str], note: str) -> list[str]:
+    """A report section: heading, a table of ``lines`` under ``columns``, a note; nothing without lines."""
     if not lines:
         return []
-    return (["## Ulysses overlap A/B: head chunks per attention call (same pool, same run)", "",
-             "| model | image | GPUs | forced chunks | forced (ms/step) | default (ms/step, path) | default's gain |",
-             "|---|---|---|---|---|---|---|"] + lines +
-            ["", "*Forced chunks*: `XDIT_ULYSSES_CHUNKS=N` (1: no overlap); *default*: `auto` "
-             "(`parallel/ulysses.chunks_for`).", ""])
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + lines + ["", note, ""]
+
+
+def _chunk_lines(rows: list[dict[str, Any]], on: dict[tuple[Any, ...], dict[str, Any]]) -> list[str]:
+    """Fused Ulysses head chunks (``--chunks-ab``): each forced chunk count against the default (auto) row."""
+    prefix = "Hybrid (chunks "
+    lines = [f"| {r['model']} | {r['size']}² | {r['gpus']} | {r['strategy'][len(prefix):-1]} | "
+             f"{_f(r['per_step_ms'])} | {_f(new['per_step_ms'])} ({new.get('attention_paths') or '–'}) | "
+             f"{r['per_step_ms'] / new['per_step_ms']:.2f}x |"
+             for r, new in _twins(rows, on, lambda s: s.startswith(prefix)) if r.get("per_step_ms")]
+    return _section("Ulysses overlap A/B: head chunks per attention call (same pool, same run)",
+                    ("model", "image", "GPUs", "forced chunks", "forced (ms/step)", "default (ms/step, path)",
+                     "default's gain"), lines,
+                    "*Forced chunks*: `XDIT_ULYSSES_CHUNKS=N` (1: no overlap); *default*: `auto` "
+                    "(`parallel/ulysses.chunks_for`).")
 
 
 def _warm_lines(rows: list[dict[str, Any]], on: dict[tuple[Any, ...], dict[str, Any]]) -> list[str]:
     """CUDA graph warm start (``--warm-start-ab``): the 28-step image and the in-request setup with it off
     and on. Per-step medians hardly move: what it saves is the first step's eager warm-up call."""
-    lines = []
-    for r in rows:
-        new = on.get((r.get("model"), r.get("size"), r.get("gpus")))
-        if r.get("strategy") != "Hybrid (warm start off)" or not new or not r.get("e2e_s") or not new.get("e2e_s"):
-            continue
-        saved_ms = (r["e2e_s"] - new["e2e_s"]) * 1000
-        lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']} | {_f(r['e2e_s'], 3)} | {_f(new['e2e_s'], 3)} | "
-                     f"{saved_ms:.0f} | {_f(r.get('setup_ms'))} | {_f(new.get('setup_ms'))} | "
-                     f"{new.get('graphs') or '–'} |")
-    if not lines:
-        return []
-    return (["## CUDA graph warm start A/B (same pool, same run)", "",
-             "| model | image | GPUs | 28-step image, off (s) | on (s) | saved (ms) | setup off (ms) | setup on (ms) | "
-             "graphs, on (timed request) |", "|---|---|---|---|---|---|---|---|---|"] + lines +
-            ["", "*Off*: `XDIT_CUDA_GRAPHS_WARM_START=0` in the workers: every request runs its first denoiser call "
-             "eagerly and captures the second; *on* (default): a call shape an earlier request ran is captured at "
-             "its first call. *Setup*: rank 0's time to the first step's end minus one median step.", ""])
+    lines = [f"| {r['model']} | {r['size']}² | {r['gpus']} | {_f(r['e2e_s'], 3)} | {_f(new['e2e_s'], 3)} | "
+             f"{(r['e2e_s'] - new['e2e_s']) * 1000:.0f} | {_f(r.get('setup_ms'))} | {_f(new.get('setup_ms'))} | "
+             f"{new.get('graphs') or '–'} |"
+             for r, new in _twins(rows, on, lambda s: s == "Hybrid (warm start off)")
+             if r.get("e2e_s") and new.get("e2e_s")]
+    return _section("CUDA graph warm start A/B (same pool, same run)",
+                    ("model", "image", "GPUs", "28-step image, off (s)", "on (s)", "saved (ms)", "setup off (ms)",
+                     "setup on (ms)", "graphs, on (timed request)"), lines,
+                    "*Off*: `XDIT_CUDA_GRAPHS_WARM_START=0` in the workers: every request runs its first denoiser "
+                    "call eagerly and captures the second; *on* (default): a call shape an earlier request ran is "
+                    "captured at its first call. *Setup*: rank 0's time to the first step's end minus one median step.")
 
 
 def _ab_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Same pool, same size: each Hybrid row against its A/B twins ("levers off", "graphs off", chunks)."""
+    """Same pool, same size: each Hybrid row against its A/B twins ("levers off", "graphs off", chunks, warm start)."""
     on = {(r["model"], r["size"], r["gpus"]): r for r in rows if r.get("strategy") == "Hybrid" and r.get("per_step_ms")}
     out: list[str] = _chunk_lines(rows, on) + _warm_lines(rows, on)
     for variant, title, what, note in AB_VARIANTS:
-        lines = []
-        for r in rows:
-            if r.get("strategy") != f"Hybrid ({variant})" or not r.get("per_step_ms"):
-                continue
-            new = on.get((r["model"], r["size"], r["gpus"]))
-            if new:
-                lines.append(f"| {r['model']} | {r['size']}² | {r['gpus']} | {_f(r['per_step_ms'])} | "
-                             f"{_f(new['per_step_ms'])} | {r['per_step_ms'] / new['per_step_ms']:.2f}x |")
-        if lines:
-            out += ([f"## {title}", "", f"| model | image | GPUs | {what} off (ms/step) | {what} on (ms/step) | gain |",
-                     "|---|---|---|---|---|---|"] + lines + ["", note, ""])
+        lines = [f"| {r['model']} | {r['size']}² | {r['gpus']} | {_f(r['per_step_ms'])} | "
+                 f"{_f(new['per_step_ms'])} | {r['per_step_ms'] / new['per_step_ms']:.2f}x |"
+                 for r, new in _twins(rows, on, lambda s, v=variant: s == f"Hybrid ({v})") if r.get("per_step_ms")]
+        out += _section(title, ("model", "image", "GPUs", f"{what} off (ms/step)", f"{what} on (ms/step)", "gain"),
+                        lines, note)
     return out
 
 
