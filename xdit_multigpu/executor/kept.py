@@ -15,8 +15,9 @@ work), not a version counter, because ComfyUI runs nodes under ``torch.inference
 tensors have none (numpy compares 8 MB in ~0.3 ms on one thread, far less than sending it). A rank
 refuses (an error: the engine falls back on one device and rebuilds the pool) a held tensor that was
 changed in place during the previous call, which ComfyUI's own caching already rules out (the stock
-sampler gets the same cached tensors on every re-run). After a failed call the driver forgets everything. Memory: at most ``KEEP_MAX_BYTES`` per call are kept (larger payloads, e.g.
-first-time LoRA weights, travel plainly), on every rank and once more as the driver's copy.
+sampler gets the same cached tensors on every re-run). After a failed call the driver forgets everything.
+Memory: at most ``KEEP_MAX_BYTES`` per call are kept (larger payloads, e.g. first-time LoRA weights, travel
+plainly), on every rank and once more as the driver's copy.
 
 Importing this module imports neither torch nor Ray.
 """

@@ -111,16 +111,17 @@ def build_dispatcher(
     grouping.check_groups()
     path = folder_paths.get_full_path(folder, name) if name else None
     info = inspect_model_file(field, path, name, kind)
+    degree = int(ulysses_degree or 0)
     family = ""
     if info is not None:
         family = info.spec.name
         for group in grouping.device_groups():  # every group runs the plan on its own devices
             _check_strategy(info.spec, strategy, group)
-            _check_ulysses(info, strategy, group, int(ulysses_degree or 0))
+            _check_ulysses(info, strategy, group, degree)
     assert path is not None  # inspect_model_file raised otherwise
     load = LoadSpec.for_file(kind, path, weight_dtype)
     return dataclasses.replace(grouping, load=load, strategy=strategy, scheduling=scheduling, family=family,
-                               ray_address=address, ulysses_degree=int(ulysses_degree or 0))
+                               ray_address=address, ulysses_degree=degree)
 
 
 def _check_ulysses(info: Any, strategy: ParallelStrategy, devices: DeviceSet, degree: int) -> None:
